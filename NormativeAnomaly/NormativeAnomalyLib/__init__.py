@@ -1,0 +1,11 @@
+"""NormativeAnomalyLib: the Slicer-free core of NormativeAnomaly.
+
+One module per pipeline stage (see docs/architecture.md):
+``volume_io`` reading and validation, ``registration`` alignment to the model's template,
+``model_space`` masking/normalisation/resampling, ``inference`` the network pass,
+``scoring`` anomaly maps and calibrated thresholds, ``lesions`` thresholding and the
+lesion table, ``outputs`` writing results, ``pipeline`` the orchestration, ``cli`` the
+command-line tool. Nothing here imports Slicer or Qt.
+"""
+
+__version__ = "0.1.0"

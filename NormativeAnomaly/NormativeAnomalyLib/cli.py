@@ -1,0 +1,190 @@
+"""``normative-anomaly``: the command-line front end (run, demo, models).
+
+Errors the user can fix end with one line on stderr and a non-zero exit status; nothing
+the user had is overwritten unless ``--overwrite`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import Cancelled, NormativeAnomalyError
+
+EXIT_ERROR, EXIT_CANCELLED, EXIT_INTERNAL = 1, 130, 3
+DEMO_INPUT, DEMO_TRUTH = "demo_t1.nii.gz", "demo_lesion_mask.nii.gz"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="normative-anomaly", description=(
+        "Unsupervised anomaly detection in brain MRI: a normative model trained on healthy brains "
+        "reconstructs a pseudo-healthy scan; the residual is the anomaly map. Research use only."))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_run_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty)")
+        command.add_argument("--model", help="registered model name or a package folder (default: the default model)")
+        command.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+        command.add_argument("--threshold", type=float, help="anomaly-map threshold (default: calibrated, see --fpr)")
+        command.add_argument("--fpr", type=float, help="threshold as a healthy voxel false-positive rate, e.g. 0.01")
+        command.add_argument("--min-lesion-mm3", type=float, help="smallest lesion kept (default: the model's)")
+        command.add_argument("--batch-size", type=int, help="slices per inference batch (default: the model's)")
+        command.add_argument("--n4", action="store_true", default=None, help="N4 bias-field correction first")
+        command.add_argument("--overwrite", action="store_true", help="replace outputs in a non-empty --out")
+        command.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
+        command.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    run = commands.add_parser("run", help="detect anomalies in one volume")
+    run.add_argument("input", type=Path, help="volume file (NIfTI, NRRD, MHA...) or DICOM series folder")
+    run.add_argument("--mask", type=Path, help="brain mask on the input's grid (default: the template's, mapped)")
+    run.add_argument("--registered", action="store_true", help="input is already in the model's template space")
+    add_run_options(run)
+
+    demo = commands.add_parser("demo", help="run on the bundled demo case with the default model")
+    add_run_options(demo)
+
+    models = commands.add_parser("models", help="list the bundled model packages")
+    models.add_argument("--json", action="store_true", help="machine-readable list")
+    return parser
+
+
+class _Progress:
+    """One tqdm bar per pipeline stage, on stderr."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.stage, self.bar = enabled, None, None
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=100, desc=f"{stage:>12}", unit="%", leave=False, file=sys.stderr,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
+        self.bar.update(round(100 * fraction) - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _run(args: argparse.Namespace, input_path: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    # Heavy imports only once the arguments are known to be good, so --help and errors are quick.
+    from .models import resolve_model
+    from .outputs import check_output_folder, write_outputs
+    from .pipeline import RunOptions, detect_anomalies
+    from .progress import Monitor
+    from .volume_io import read_mask, read_volume
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise NormativeAnomalyError("--batch-size must be at least 1")
+    if args.min_lesion_mm3 is not None and args.min_lesion_mm3 < 0:
+        raise NormativeAnomalyError("--min-lesion-mm3 must not be negative")
+    check_output_folder(args.out, args.overwrite)
+    package = resolve_model(args.model)
+    image = read_volume(input_path)
+    mask = read_mask(args.mask, image) if getattr(args, "mask", None) else None
+    options = RunOptions(device=args.device, registered=getattr(args, "registered", False), brain_mask=mask,
+                         threshold=args.threshold, fpr=args.fpr, min_lesion_mm3=args.min_lesion_mm3,
+                         bias_correction=args.n4, batch_size=args.batch_size)
+    progress = _Progress(enabled=not (args.quiet or args.json))
+    try:
+        result = detect_anomalies(image, package, options, Monitor(progress=progress))
+    finally:
+        progress.close()
+    settings = {"input": str(input_path), "model": args.model or package.name, "device": args.device,
+                "registered": options.registered, "mask": str(args.mask) if getattr(args, "mask", None) else None,
+                "threshold": args.threshold, "fpr": args.fpr, "min_lesion_mm3": args.min_lesion_mm3,
+                "n4": bool(args.n4), "batch_size": args.batch_size}
+    if "truth" in extra:
+        extra = {"demo_dice": _dice(result.segmentation.mask, extra.pop("truth"))} | extra
+    return write_outputs(result, args.out, settings, overwrite=args.overwrite, extra_summary=extra)
+
+
+def _dice(predicted, truth_path: Path) -> float | None:
+    from .volume_io import read_volume
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    truth = sitk.GetArrayFromImage(read_volume(truth_path, name="demo lesion mask")) > 0.5
+    total = predicted.sum() + truth.sum()
+    return round(float(2 * np.logical_and(predicted, truth).sum() / total), 4) if total else None
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .models import available_models, load_package
+
+    rows = []
+    for entry in available_models():
+        card = load_package(entry["path"]).card
+        rows.append({"name": card["name"], "default": entry["default"], "family": card["family"],
+                     "modality": card["modality"], "dims": card["dims"], "version": card["version"],
+                     "template": card["template"]["name"], "description": card["description"],
+                     "training_data": card["training"].get("data", ""), "license": card["license"],
+                     "path": str(entry["path"])})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            mark = " (default)" if row["default"] else ""
+            print(f"{row['name']}{mark}: {row['family']}, {row['modality']}, {row['dims']}D - {row['description']}")
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], out: Path, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    print(f"model {summary['model']['name']} on {summary['device']}: {summary['lesion_count']} lesion(s), "
+          f"{summary['lesion_volume_ml']:.2f} mL at threshold {summary['threshold']:.4g} "
+          f"({100 * summary['threshold_healthy_fpr']:.3g}% healthy false-positive rate), "
+          f"{summary['seconds']['total']:.1f} s")
+    if summary.get("demo_dice") is not None:
+        print(f"Dice with the demo case's simulated lesion: {summary['demo_dice']:.3f}")
+    print(f"outputs in {out}/: {', '.join(summary['outputs'])}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "models":
+            return _models(args)
+        if args.command == "demo":
+            from .resources import sample_data_dir
+
+            extra = {"truth": sample_data_dir() / DEMO_TRUTH}
+            summary = _run(args, sample_data_dir() / DEMO_INPUT, extra)
+        else:
+            summary = _run(args, args.input, {})
+        _print_summary(summary, args.out, args.json)
+        return 0
+    except Cancelled as error:
+        print(f"normative-anomaly: {error}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except NormativeAnomalyError as error:
+        print(f"normative-anomaly: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("normative-anomaly: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_CANCELLED
+    except Exception as error:  # an internal bug: still one line, unless --debug
+        if args.debug:
+            raise
+        print(f"normative-anomaly: internal error ({type(error).__name__}: {error}); rerun with --debug and "
+              "report it", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Exceptions that carry a one-line, user-facing message.
+
+Front ends (CLI, Slicer, web) print ``str(error)`` as is, so messages name the file or
+setting at fault and say what to do.
+"""
+
+
+class NormativeAnomalyError(Exception):
+    """Base class: an expected failure with a message meant for the user."""
+
+
+class InputVolumeError(NormativeAnomalyError):
+    """The input image cannot be used (missing, wrong dimensionality, NaNs, empty...)."""
+
+
+class ModelPackageError(NormativeAnomalyError):
+    """A model package is missing, malformed, tampered with or unsupported."""
+
+
+class OutputError(NormativeAnomalyError):
+    """Outputs cannot be written without losing the user's data."""
+
+
+class RegistrationError(NormativeAnomalyError):
+    """Registration to the model's template failed."""
+
+
+class Cancelled(NormativeAnomalyError):
+    """The user cancelled the run; nothing was written."""

@@ -1,0 +1,51 @@
+"""The bundled model registry (``Resources/Models/registry.json``) and name resolution.
+
+``resolve_model`` accepts a registered name or the path of a user's own package folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelPackageError
+from ..resources import models_dir
+from .package import CARD_FILE, ModelPackage, load_package
+
+REGISTRY_FILE = "registry.json"
+
+
+def _registry(root: Path | None = None) -> dict[str, Any]:
+    path = (root or models_dir()) / REGISTRY_FILE
+    if not path.is_file():
+        raise ModelPackageError(f"model registry not found: {path}")
+    return json.loads(path.read_text())
+
+
+def available_models(root: Path | None = None) -> list[dict[str, Any]]:
+    """Registered packages as ``{"name", "path", "default"}`` entries (cards not loaded)."""
+    root = root or models_dir()
+    registry = _registry(root)
+    return [
+        {"name": entry["name"], "path": root / entry["folder"], "default": entry["name"] == registry["default"]}
+        for entry in registry["packages"]
+    ]
+
+
+def default_model_name(root: Path | None = None) -> str:
+    return _registry(root)["default"]
+
+
+def resolve_model(name_or_path: str | None = None, root: Path | None = None) -> ModelPackage:
+    """Load a registered package by name (the default when ``None``) or a package folder by path."""
+    if name_or_path is None:
+        name_or_path = default_model_name(root)
+    candidate = Path(name_or_path).expanduser()
+    if (candidate / CARD_FILE).is_file():
+        return load_package(candidate)
+    for entry in available_models(root):
+        if entry["name"] == name_or_path:
+            return load_package(entry["path"])
+    names = ", ".join(entry["name"] for entry in available_models(root))
+    raise ModelPackageError(f"unknown model '{name_or_path}': not a package folder, and not one of: {names}")

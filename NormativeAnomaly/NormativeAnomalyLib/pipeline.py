@@ -1,0 +1,146 @@
+"""The whole run, stage by stage, on an in-memory image: what the CLI, Slicer and web call.
+
+``detect_anomalies`` reads nothing and writes nothing; ``outputs.write_outputs`` saves a
+result. Per-stage seconds are recorded for run.json and the benchmark.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import NormativeAnomalyError
+from .inference import reconstruct, select_device
+from .input_space import to_input_grid
+from .lesions import Segmentation, segment_anomalies
+from .model_space import prepare_model_input
+from .models.package import ModelPackage
+from .progress import Monitor
+from .registration import Registration, identity_registration, register_to_template
+from .scoring import anomaly_map as score_anomalies
+from .volume_io import validate_volume
+
+
+@dataclass
+class RunOptions:
+    device: str = "auto"
+    registered: bool = False  # the input is already in the template's space: skip registration
+    brain_mask: sitk.Image | None = None  # on the input's grid; default: the template's, mapped back
+    threshold: float | None = None  # anomaly-map units; default: the calibrated one at ``fpr``
+    fpr: float | None = None  # healthy false-positive rate; default: the model card's
+    min_lesion_mm3: float | None = None
+    bias_correction: bool | None = None  # default: the model card's
+    batch_size: int | None = None
+
+
+@dataclass
+class AnomalyResult:
+    """Everything a front end shows, all on the input's grid."""
+
+    input_image: sitk.Image
+    pseudo_healthy: sitk.Image
+    anomaly_map: sitk.Image
+    brain_mask: sitk.Image
+    segmentation: Segmentation
+    threshold_fpr: float
+    model: ModelPackage
+    registration: Registration
+    device: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def resegment(self, threshold: float | None = None, min_lesion_mm3: float | None = None) -> Segmentation:
+        """New threshold and/or minimum size, without re-running the model."""
+        threshold = self.segmentation.threshold if threshold is None else threshold
+        min_size = self.segmentation.min_lesion_mm3 if min_lesion_mm3 is None else min_lesion_mm3
+        self.segmentation = segment_anomalies(self.anomaly_map, threshold, min_size)
+        self.threshold_fpr = self.model.calibration.fpr_for_threshold(threshold)
+        return self.segmentation
+
+
+def resolve_threshold(package: ModelPackage, options: RunOptions) -> tuple[float, float]:
+    """(threshold, its healthy false-positive rate) from the options and the card."""
+    calibration = package.calibration
+    if options.threshold is not None:
+        return float(options.threshold), calibration.fpr_for_threshold(options.threshold)
+    fpr = options.fpr if options.fpr is not None else package.card["scoring"]["default_fpr"]
+    if not 0 < fpr < 1:
+        raise NormativeAnomalyError(f"false-positive rate must be between 0 and 1, got {fpr}")
+    return calibration.threshold_for_fpr(fpr), float(fpr)
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[stage] = round(time.perf_counter() - start, 3)
+
+
+def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptions | None = None,
+                     monitor: Monitor | None = None) -> AnomalyResult:
+    options = options or RunOptions()
+    monitor = monitor or Monitor()
+    card, template = package.card, package.template
+    seconds: dict[str, float] = {}
+    image = validate_volume(image)
+    device = select_device(options.device)
+    threshold, threshold_fpr = resolve_threshold(package, options)
+    min_lesion_mm3 = card["scoring"]["min_lesion_mm3"] if options.min_lesion_mm3 is None else options.min_lesion_mm3
+
+    monitor.check()
+    with _timed(seconds, "registration"):
+        if options.registered:
+            registration = identity_registration()
+        else:
+            registration = register_to_template(image, template.image, card["preprocessing"]["registration"], monitor)
+    monitor.check()
+    with _timed(seconds, "model_space"):
+        bias = card["preprocessing"]["bias_correction"] if options.bias_correction is None else options.bias_correction
+        model_input = prepare_model_input(image, template, registration, card["preprocessing"]["normalisation"],
+                                          options.brain_mask, bias)
+    monitor.check()
+    with _timed(seconds, "inference"):
+        reconstruction = reconstruct(package, model_input.image, model_input.brain_mask, device, monitor,
+                                     options.batch_size)
+    monitor.check()
+    with _timed(seconds, "scoring"):
+        spacing_zyx = tuple(reversed(template.image.GetSpacing()))
+        scores = score_anomalies(model_input.image, reconstruction, model_input.brain_mask, spacing_zyx,
+                                 card["scoring"])
+    monitor.check()
+    with _timed(seconds, "to_input_grid"):
+        anomaly_map = to_input_grid(scores, template, registration, image)
+        brain_on_input = to_input_grid(model_input.brain_mask.astype(np.float32), template, registration, image,
+                                       sitk.sitkNearestNeighbor)
+        pseudo_healthy = _pseudo_healthy_on_input(image, reconstruction, model_input, template, registration,
+                                                  brain_on_input)
+        brain_on_input = sitk.Cast(brain_on_input > 0.5, sitk.sitkUInt8)
+    monitor.check()
+    with _timed(seconds, "segmentation"):
+        segmentation = segment_anomalies(anomaly_map, threshold, min_lesion_mm3)
+    monitor.report("done", 1.0)
+    seconds["total"] = round(sum(seconds.values()), 3)
+    return AnomalyResult(image, pseudo_healthy, anomaly_map, brain_on_input, segmentation, threshold_fpr, package,
+                         registration, device.type, seconds)
+
+
+def _pseudo_healthy_on_input(image: sitk.Image, reconstruction: np.ndarray | None, model_input, template,
+                             registration: Registration, brain_on_input: sitk.Image) -> sitk.Image:
+    """The reconstruction in the input's intensity units inside the brain, the input itself outside.
+
+    So fading between input and pseudo-healthy in Slicer changes only what the model changed.
+    The intensity baseline has no reconstruction: its pseudo-healthy image is the input.
+    """
+    if reconstruction is None:
+        return sitk.Image(image)
+    in_units = model_input.normalisation.inverse(reconstruction)
+    on_input = to_input_grid(in_units, template, registration, image)
+    inside = sitk.GetArrayViewFromImage(brain_on_input) > 0.5
+    blended = np.where(inside, sitk.GetArrayViewFromImage(on_input), sitk.GetArrayViewFromImage(image))
+    result = sitk.GetImageFromArray(blended.astype(np.float32))
+    result.CopyInformation(image)
+    return result

@@ -1,0 +1,35 @@
+"""Where bundled resources (model packages, templates, sample data) live.
+
+In a source checkout they are in the repository's top-level ``Resources/``; in an
+installed Slicer extension CMake copies them next to the module (``<module>/Resources``).
+``NORMATIVE_ANOMALY_RESOURCES`` overrides both.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_LIB_DIR = Path(__file__).resolve().parent
+
+
+def resources_dir() -> Path:
+    override = os.environ.get("NORMATIVE_ANOMALY_RESOURCES")
+    if override:
+        return Path(override)
+    for candidate in (_LIB_DIR.parent.parent / "Resources", _LIB_DIR.parent / "Resources"):
+        if (candidate / "Models").is_dir():
+            return candidate
+    return _LIB_DIR.parent.parent / "Resources"
+
+
+def models_dir() -> Path:
+    return resources_dir() / "Models"
+
+
+def templates_dir() -> Path:
+    return resources_dir() / "Templates"
+
+
+def sample_data_dir() -> Path:
+    return resources_dir() / "SampleData"

@@ -1,0 +1,69 @@
+"""Scoring: the residual anomaly map, and thresholds stated as healthy false-positive rates.
+
+Each model package carries a calibration table (healthy voxel false-positive rate ->
+anomaly-map threshold) measured on held-out healthy scans with the same scoring, so that
+"1% of healthy brain voxels flagged" means the same thing for every model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+# Healthy false-positive rates at which calibration thresholds are stored (log-spaced).
+CALIBRATION_FPRS = tuple(float(f) for f in np.logspace(-5, np.log10(0.5), 41))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    fpr: tuple[float, ...]  # rising
+    threshold: tuple[float, ...]  # the matching thresholds, non-rising
+
+    @classmethod
+    def from_healthy_scores(cls, scores: np.ndarray, fprs: tuple[float, ...] = CALIBRATION_FPRS) -> "Calibration":
+        """Thresholds exceeded by a fraction ``fpr`` of healthy in-brain voxel scores."""
+        thresholds = np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - np.asarray(fprs))
+        return cls(tuple(fprs), tuple(float(t) for t in np.minimum.accumulate(thresholds)))
+
+    def threshold_for_fpr(self, fpr: float) -> float:
+        """Interpolated in log(fpr); clamped to the calibrated range."""
+        log_fpr = np.log(np.clip(fpr, self.fpr[0], self.fpr[-1]))
+        return float(np.interp(log_fpr, np.log(self.fpr), self.threshold))
+
+    def fpr_for_threshold(self, threshold: float) -> float:
+        """Healthy false-positive rate of a threshold (the inverse of :meth:`threshold_for_fpr`)."""
+        thresholds = np.asarray(self.threshold)[::-1]  # rising, for np.interp
+        log_fprs = np.log(np.asarray(self.fpr))[::-1]
+        return float(np.exp(np.interp(threshold, thresholds, log_fprs)))
+
+
+def residual(image: np.ndarray, reconstruction: np.ndarray | None, mode: str) -> np.ndarray:
+    """Voxel-wise residual; with no reconstruction (intensity baseline) the intensity is the score."""
+    difference = image if reconstruction is None else image - reconstruction
+    if mode == "absolute":
+        return np.abs(difference)
+    if mode == "positive":  # hyperintense lesions only
+        return np.maximum(difference, 0.0)
+    if mode == "negative":  # hypointense lesions only
+        return np.maximum(-difference, 0.0)
+    raise ValueError(f"unknown residual mode {mode!r}")
+
+
+def scoring_mask(brain_mask: np.ndarray, spacing_zyx: tuple[float, float, float], erosion_mm: float) -> np.ndarray:
+    """The brain mask eroded by ``erosion_mm`` (residuals at the brain's edge are mostly misregistration)."""
+    if erosion_mm <= 0:
+        return brain_mask.astype(bool)
+    distance = ndimage.distance_transform_edt(brain_mask, sampling=spacing_zyx)
+    return distance > erosion_mm
+
+
+def anomaly_map(image: np.ndarray, reconstruction: np.ndarray | None, brain_mask: np.ndarray,
+                spacing_zyx: tuple[float, float, float], settings: dict) -> np.ndarray:
+    """Residual, median-filtered, zero outside the eroded brain mask (model-space arrays)."""
+    score = residual(image, reconstruction, settings["residual"])
+    if settings["median_filter_voxels"] > 1:
+        score = ndimage.median_filter(score, size=settings["median_filter_voxels"])
+    mask = scoring_mask(brain_mask, spacing_zyx, settings["mask_erosion_mm"])
+    return np.where(mask, score, 0.0).astype(np.float32)

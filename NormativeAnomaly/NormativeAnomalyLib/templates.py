@@ -1,0 +1,67 @@
+"""Model-space templates: a T1/T2 image and brain mask on the grid a model works on.
+
+A template lives in ``Resources/Templates/<name>/`` with a ``template.json`` naming its
+files and their SHA-256, and the licence notice of the data it derives from. Model cards
+refer to templates by name, never by path, so a card cannot point outside the resources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from .errors import ModelPackageError
+from .resources import templates_dir
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    image: sitk.Image
+    brain_mask: sitk.Image
+    description: str
+    folder: Path
+
+    @property
+    def brain_mask_voxels(self) -> int:
+        return int(sitk.GetArrayViewFromImage(self.brain_mask).astype(bool).sum())
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_template(name: str, root: Path | None = None) -> Template:
+    folder = (root or templates_dir()) / name
+    manifest_path = folder / "template.json"
+    if not manifest_path.is_file():
+        raise ModelPackageError(f"template '{name}' not found in {folder.parent}")
+    manifest = json.loads(manifest_path.read_text())
+    images = {}
+    for key in ("image", "brain_mask"):
+        entry = manifest[key]
+        path = folder / Path(entry["file"]).name
+        if sha256_of(path) != entry["sha256"]:
+            raise ModelPackageError(f"template '{name}': {path.name} does not match its SHA-256; reinstall the resources")
+        images[key] = sitk.ReadImage(str(path), sitk.sitkFloat32 if key == "image" else sitk.sitkUInt8)
+    return Template(name, images["image"], images["brain_mask"], manifest.get("description", ""), folder)
+
+
+def write_template(folder: Path, name: str, image: sitk.Image, brain_mask: sitk.Image, description: str,
+                   source: dict) -> Path:
+    """Write a template folder (used by scripts/build_resources.py)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"name": name, "description": description, "source": source}
+    for key, file_name, img in (("image", "image.nii.gz", image), ("brain_mask", "brain_mask.nii.gz", brain_mask)):
+        sitk.WriteImage(img, str(folder / file_name), useCompression=True)
+        manifest[key] = {"file": file_name, "sha256": sha256_of(folder / file_name)}
+    (folder / "template.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder

