@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "NormativeAnomaly"))
 
 from NormativeAnomalyLib.models.package import write_package  # noqa: E402
-from NormativeAnomalyLib.scoring import Calibration, anomaly_map  # noqa: E402
+from NormativeAnomalyLib.scoring import Calibration, anomaly_map, scoring_mask  # noqa: E402
 from NormativeAnomalyLib.simulation import simulate_mass  # noqa: E402
 from NormativeAnomalyLib.templates import load_template, write_template  # noqa: E402
 
@@ -101,8 +101,9 @@ def build_intensity_package() -> None:
     normalised = np.where(brain, np.clip((values - low) / (high - low), *NORMALISATION["clip"]), 0).astype(np.float32)
     card = intensity_card(Calibration((0.01, 0.5), (1.0, 0.0)))
     scores = anomaly_map(normalised, None, brain, tuple(reversed(GRID_SPACING)), card["scoring"])
-    eroded = scores > 0  # calibrate over the voxels the map is defined on (the eroded brain)
-    calibration = Calibration.from_healthy_scores(scores[eroded])
+    # Calibrate over the voxels the map is defined on: the eroded brain.
+    inside = scoring_mask(brain, tuple(reversed(GRID_SPACING)), card["scoring"]["mask_erosion_mm"])
+    calibration = Calibration.from_healthy_scores(scores[inside])
     card = intensity_card(calibration)
     package = write_package(RESOURCES / "Models" / "intensity-t1", card, overwrite=True)
     print(f"intensity baseline: {package.path.relative_to(REPO)}; threshold at 1% FPR "

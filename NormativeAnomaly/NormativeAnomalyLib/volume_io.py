@@ -116,13 +116,15 @@ def write_image(image: sitk.Image, path: str | os.PathLike, *, compress: bool = 
     """Write ``image`` so that ``path`` holds either the old file or the complete new one."""
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
+    temporary = None
     try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(handle)
         sitk.WriteImage(image, temporary, useCompression=compress)
         os.replace(temporary, path)
     except (RuntimeError, OSError) as error:
-        Path(temporary).unlink(missing_ok=True)
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {_first_line(error)}") from None
 
 
