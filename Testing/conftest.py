@@ -51,8 +51,9 @@ def template_t1_path(template, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_dae(tmp_path_factory, template_t1_path):
-    """A real (tiny) DAE package: trained for a few dozen steps on the template, calibrated on it."""
+def trained_dae_run(tmp_path_factory, template_t1_path):
+    """(package, per-step losses) of a real (tiny) DAE: trained for a few dozen steps on the
+    template, calibrated on it."""
     from NormativeAnomalyLib.training import train_dae
 
     out = tmp_path_factory.mktemp("models") / "dae-test"
@@ -65,8 +66,12 @@ def trained_dae(tmp_path_factory, template_t1_path):
         "steps": 60, "batch_size": 8, "learning_rate": 3e-3, "out": str(out),
         "training_data": "the ICBM 2009c template itself (a test model)",
     }, progress=lambda step, loss: losses.append(loss))
-    package.losses = losses  # type: ignore[attr-defined]
-    return package
+    return package, losses
+
+
+@pytest.fixture(scope="session")
+def trained_dae(trained_dae_run):
+    return trained_dae_run[0]
 
 
 def sitk_from_array(values: np.ndarray, like: sitk.Image) -> sitk.Image:

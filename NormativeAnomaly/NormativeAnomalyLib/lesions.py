@@ -65,18 +65,23 @@ def segment_anomalies(anomaly_map: sitk.Image, threshold: float, min_lesion_mm3:
 
 def _lesion_table(labels: np.ndarray, scores: np.ndarray, image: sitk.Image, count: int,
                   voxel_mm3: float) -> list[Lesion]:
+    """Per-lesion statistics over the lesion voxels only (not the whole volume), so the table
+    costs little more than the thresholding when lesions are small."""
     if count == 0:
         return []
-    ids = np.arange(1, count + 1)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    means = ndimage.mean(scores, labels, ids)
-    maxima = ndimage.maximum(scores, labels, ids)
-    centres = ndimage.center_of_mass(np.ones_like(scores, dtype=np.uint8), labels, ids)
+    flat = np.flatnonzero(labels)
+    ids, values = labels.ravel()[flat], scores.ravel()[flat].astype(np.float64)
+    sizes = np.bincount(ids, minlength=count + 1)[1:]
+    means = np.bincount(ids, weights=values, minlength=count + 1)[1:] / sizes
+    maxima = np.full(count + 1, -np.inf)
+    np.maximum.at(maxima, ids, values)
+    zyx = np.unravel_index(flat, labels.shape)
+    centres = np.stack([np.bincount(ids, weights=axis, minlength=count + 1)[1:] / sizes for axis in zyx], axis=1)
     lesions = []
-    for lesion_id, size, mean, peak, (z, y, x) in zip(ids, sizes, means, maxima, centres):
+    for index, (size, mean, peak, (z, y, x)) in enumerate(zip(sizes, means, maxima[1:], centres), start=1):
         lps = image.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(z)))
         lesions.append(Lesion(
-            id=int(lesion_id), voxels=int(size), volume_ml=round(float(size) * voxel_mm3 / 1000.0, 4),
+            id=index, voxels=int(size), volume_ml=round(float(size) * voxel_mm3 / 1000.0, 4),
             max_score=round(float(peak), 5), mean_score=round(float(mean), 5),
             centroid_ras=(round(-lps[0], 2), round(-lps[1], 2), round(lps[2], 2)),
         ))

@@ -49,12 +49,12 @@ def load_healthy(paths: list[str], template: Template, registered: bool, normali
     return volumes
 
 
-def brain_slices(volumes: list[HealthyVolume], min_brain_fraction: float = 0.05) -> np.ndarray:
-    """Axial slices with some brain in them, stacked as (n, y, x)."""
+def brain_slices(volumes: list[HealthyVolume], min_brain_fraction: float = 0.0) -> np.ndarray:
+    """Axial slices with brain in them (as inference sees them), stacked as (n, y, x)."""
     kept = []
     for volume in volumes:
         fraction = volume.brain_mask.mean(axis=(1, 2))
-        kept.append(volume.image[fraction >= min_brain_fraction * fraction.max()])
+        kept.append(volume.image[(fraction > 0) & (fraction >= min_brain_fraction * fraction.max())])
     return np.concatenate(kept).astype(np.float32)
 
 

@@ -72,9 +72,9 @@ class ModelPackage:
 def validate_card(card: Any, source: str = "card") -> dict[str, Any]:
     """Schema and consistency checks; raises ModelPackageError with the first problem."""
     validator = jsonschema.Draft202012Validator(_card_schema())
-    errors = sorted(validator.iter_errors(card), key=lambda e: list(e.absolute_path))
-    if errors:
-        error = errors[0]
+    # best_match descends into oneOf alternatives, so the message names the offending field.
+    error = jsonschema.exceptions.best_match(validator.iter_errors(card))
+    if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         raise ModelPackageError(f"{source} is not a valid model card: {where}: {error.message[:200]}")
     if (card["network"] is None) != (card["family"] == "intensity") or (card["network"] is None) != (

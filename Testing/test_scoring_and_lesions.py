@@ -1,0 +1,81 @@
+"""Scoring, calibration, thresholding and the lesion table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from NormativeAnomalyLib.lesions import segment_anomalies
+from NormativeAnomalyLib.scoring import Calibration, anomaly_map, residual, scoring_mask
+
+
+def test_calibration_thresholds_give_their_false_positive_rates():
+    healthy = np.random.default_rng(0).gamma(2.0, 0.05, 200_000)
+    calibration = Calibration.from_healthy_scores(healthy)
+    for fpr in (0.001, 0.01, 0.05, 0.2):
+        threshold = calibration.threshold_for_fpr(fpr)
+        assert np.mean(healthy > threshold) == pytest.approx(fpr, rel=0.1)
+        assert calibration.fpr_for_threshold(threshold) == pytest.approx(fpr, rel=1e-6)
+    assert all(b <= a for a, b in zip(calibration.threshold, calibration.threshold[1:]))
+
+
+def test_residual_modes():
+    image, recon = np.array([1.0, 0.2, 0.5]), np.array([0.5, 0.6, 0.5])
+    np.testing.assert_allclose(residual(image, recon, "absolute"), [0.5, 0.4, 0.0])
+    np.testing.assert_allclose(residual(image, recon, "positive"), [0.5, 0.0, 0.0])
+    np.testing.assert_allclose(residual(image, recon, "negative"), [0.0, 0.4, 0.0])
+    np.testing.assert_allclose(residual(image, None, "positive"), image)
+
+
+def test_anomaly_map_is_zero_outside_the_eroded_brain():
+    brain = np.zeros((20, 20, 20), bool)
+    brain[2:18, 2:18, 2:18] = True
+    image = np.where(brain, 1.0, 0.0).astype(np.float32)
+    scores = anomaly_map(image, np.zeros_like(image), brain, (2.0, 2.0, 2.0),
+                         {"residual": "absolute", "median_filter_voxels": 3, "mask_erosion_mm": 4.0})
+    inside = scoring_mask(brain, (2.0, 2.0, 2.0), 4.0)
+    assert inside.sum() == 12**3  # 2 voxels (4 mm) off every face... distance > 4 mm keeps 12 per axis
+    assert np.all(scores[~inside] == 0) and np.all(scores[inside] == 1)
+
+
+def _map_with_blobs(spacing=(1.0, 2.0, 3.0), direction=(0, 1, 0, 1, 0, 0, 0, 0, -1)) -> sitk.Image:
+    values = np.zeros((30, 40, 50), np.float32)  # (z, y, x)
+    values[5:10, 5:10, 5:10] = 2.0  # 125 voxels
+    values[20:22, 30:32, 40:42] = 1.5  # 8 voxels
+    values[25, 5, 45] = 3.0  # 1 voxel
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    image.SetOrigin((10.0, -20.0, 30.0))
+    return image
+
+
+def test_lesions_threshold_and_min_size():
+    image = _map_with_blobs()
+    voxel_mm3 = 6.0
+    everything = segment_anomalies(image, 1.0, 0.0)
+    assert [l.voxels for l in everything.lesions] == [125, 8, 1]
+    assert [l.id for l in everything.lesions] == [1, 2, 3]
+    assert everything.lesions[0].volume_ml == pytest.approx(125 * voxel_mm3 / 1000)
+    assert everything.lesions[2].max_score == 3.0
+    big = segment_anomalies(image, 1.0, 9 * voxel_mm3)
+    assert [l.voxels for l in big.lesions] == [125]
+    np.testing.assert_array_equal(big.mask, sitk.GetArrayFromImage(image) == 2.0)
+    assert segment_anomalies(image, 1.8, 0.0).mask.sum() == 126
+    assert segment_anomalies(image, 5.0, 0.0).lesions == []
+
+
+def test_threshold_then_size_equals_size_then_threshold():
+    image = _map_with_blobs()
+    a = segment_anomalies(image, 1.0, 30.0)
+    b = segment_anomalies(image, 1.0, 0.0)
+    b = segment_anomalies(image, b.threshold, 30.0)
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_lesion_centroid_is_in_ras():
+    image = _map_with_blobs()
+    lesion = segment_anomalies(image, 1.0, 0.0).lesions[0]
+    lps = image.TransformContinuousIndexToPhysicalPoint((7.0, 7.0, 7.0))  # (x, y, z) index of the big blob's centre
+    assert lesion.centroid_ras == pytest.approx((-lps[0], -lps[1], lps[2]), abs=0.01)
