@@ -99,3 +99,22 @@ def test_write_image_is_atomic_and_leaves_no_temporary(tmp_path, tiny_t1_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
     with pytest.raises(OutputError):
         write_image(image, tmp_path / "missing-folder" / "x.nii.gz")
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_truncated_nifti_is_refused(tmp_path, real_t1_head_path, suffix):
+    whole = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(sitk.ReadImage(str(real_t1_head_path)), str(whole))
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    with pytest.raises(InputVolumeError, match="corrupt or truncated"):
+        read_volume(cut)
+
+
+def test_nan_in_a_float_nifti_is_refused(tmp_path, tiny_t1_path):
+    values = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_t1_path))).astype(np.float32)
+    values[10, 10, 10] = np.nan
+    path = tmp_path / "nan.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
+    with pytest.raises(InputVolumeError, match="1 NaN or infinite"):
+        read_volume(path)

@@ -42,7 +42,25 @@ def read_volume(path: str | os.PathLike, *, name: str = "input") -> sitk.Image:
         image = reader.Execute()
     except RuntimeError as error:
         raise InputVolumeError(f"{name} {path} is corrupt or truncated: {_first_line(error)}") from None
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_data(path, f"{name} {path}")
     return validate_volume(image, name=f"{name} {path}")
+
+
+def _check_nifti_data(path: Path, name: str) -> None:
+    """ITK's NIfTI reader pads a truncated file with zeros and turns NaN/Inf into 0 without a
+    word; nibabel reads the same bytes strictly, so both are caught here."""
+    import nibabel
+
+    try:
+        data = np.asanyarray(nibabel.load(str(path)).dataobj)
+    except Exception as error:  # nibabel, gzip and zlib raise several types for a cut file
+        raise InputVolumeError(f"{name} is corrupt or truncated: {error}") from None
+    if data.dtype.kind in "fc":
+        finite = np.isfinite(data)
+        if not finite.all():
+            bad = int(finite.size - np.count_nonzero(finite))
+            raise InputVolumeError(f"{name} has {bad:,} NaN or infinite voxels; fix or mask them first")
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
