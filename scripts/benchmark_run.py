@@ -153,9 +153,12 @@ def main() -> int:
         return 0
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.model and Path(args.model).is_dir():  # a package folder: the child runs elsewhere
+        args.model = str(Path(args.model).resolve())
     with tempfile.TemporaryDirectory(prefix="na-bench-") as tmp:
         report = benchmark(args, Path(tmp))
     if args.out_json:
+        args.out_json.parent.mkdir(parents=True, exist_ok=True)
         args.out_json.write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         print(json.dumps(report, indent=2))
