@@ -42,13 +42,14 @@ def brain_points(template, step: int = 6) -> np.ndarray:
     return np.array([template.image.TransformIndexToPhysicalPoint([int(i) for i in p[::-1]]) for p in zyx])
 
 
+def point_errors(found: sitk.Transform, truth: sitk.Transform, points: np.ndarray) -> np.ndarray:
+    return np.linalg.norm([np.subtract(found.TransformPoint(p), truth.TransformPoint(p)) for p in points], axis=1)
+
+
 def test_recovers_a_known_affine(template):
     truth = known_affine(template.image)
-    moving = moved_input(template, truth)
-    result = register_to_template(moving, template.image, "affine")
-    points = brain_points(template)
-    error = np.linalg.norm([np.subtract(result.transform.TransformPoint(p), truth.TransformPoint(p)) for p in points],
-                           axis=1)
+    result = register_to_template(moved_input(template, truth), template.image, "affine")
+    error = point_errors(result.transform, truth, brain_points(template))
     assert result.kind == "affine" and np.isfinite(result.metric)
     assert error.mean() < 1.0, f"mean error {error.mean():.2f} mm over the brain"
     assert error.max() < 2.5, f"max error {error.max():.2f} mm over the brain"
@@ -57,12 +58,8 @@ def test_recovers_a_known_affine(template):
 def test_rigid_recovers_a_rigid_motion(template):
     truth = sitk.Euler3DTransform(known_affine(template.image).GetCenter(), np.deg2rad(-6), np.deg2rad(4), 0.0,
                                   (-5.0, 6.0, 3.0))
-    moving = moved_input(template, truth)
-    result = register_to_template(moving, template.image, "rigid")
-    points = brain_points(template)
-    error = np.linalg.norm([np.subtract(result.transform.TransformPoint(p), truth.TransformPoint(p)) for p in points],
-                           axis=1)
-    assert error.mean() < 1.0
+    result = register_to_template(moved_input(template, truth), template.image, "rigid")
+    assert point_errors(result.transform, truth, brain_points(template)).mean() < 1.0
 
 
 def test_real_head_registers_plausibly(template, real_t1_head_path):
