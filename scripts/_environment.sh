@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 requirements=$1
 venv=${NORMATIVE_ANOMALY_VENV:-.venv}
+case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac
 if [ ! -x "$venv/bin/python" ]; then
   echo "creating $venv ..." >&2
   python3 -m venv "$venv"
@@ -19,4 +20,4 @@ if [ ! -f "$stamp" ]; then
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
   touch "$stamp"
 fi
-export PATH="$PWD/$venv/bin:$PATH"
+export PATH="$venv/bin:$PATH"
