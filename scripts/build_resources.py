@@ -29,7 +29,9 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "NormativeAnomaly"))
 
+from NormativeAnomalyLib.model_space import prepare_model_input  # noqa: E402
 from NormativeAnomalyLib.models.package import write_package  # noqa: E402
+from NormativeAnomalyLib.registration import identity_registration  # noqa: E402
 from NormativeAnomalyLib.scoring import Calibration, anomaly_map, scoring_mask  # noqa: E402
 from NormativeAnomalyLib.simulation import simulate_mass  # noqa: E402
 from NormativeAnomalyLib.templates import load_template, write_template  # noqa: E402
@@ -95,12 +97,11 @@ def intensity_card(calibration: Calibration) -> dict:
 
 def build_intensity_package() -> None:
     template = load_template(TEMPLATE_NAME, RESOURCES / "Templates")
-    values = sitk.GetArrayFromImage(template.image).astype(np.float32)
-    brain = sitk.GetArrayFromImage(template.brain_mask).astype(bool)
-    low, high = np.percentile(values[brain], [NORMALISATION["lower"], NORMALISATION["upper"]])
-    normalised = np.where(brain, np.clip((values - low) / (high - low), *NORMALISATION["clip"]), 0).astype(np.float32)
+    # The template as inference would prepare it (already in template space: no registration).
+    prepared = prepare_model_input(template.image, template, identity_registration(), NORMALISATION)
+    brain = prepared.brain_mask
     card = intensity_card(Calibration((0.01, 0.5), (1.0, 0.0)))
-    scores = anomaly_map(normalised, None, brain, tuple(reversed(GRID_SPACING)), card["scoring"])
+    scores = anomaly_map(prepared.image, None, brain, tuple(reversed(GRID_SPACING)), card["scoring"])
     # Calibrate over the voxels the map is defined on: the eroded brain.
     inside = scoring_mask(brain, tuple(reversed(GRID_SPACING)), card["scoring"]["mask_erosion_mm"])
     calibration = Calibration.from_healthy_scores(scores[inside])

@@ -40,7 +40,7 @@ def _autocast(device: torch.device):
     return nullcontext()
 
 
-def _forward(network: torch.nn.Module, family: str, batch: torch.Tensor) -> torch.Tensor:
+def _forward(network: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     output = network(batch)
     # VarAutoEncoder returns (reconstruction, mu, logvar, z); the reconstruction comes first.
     return output[0] if isinstance(output, (tuple, list)) else output
@@ -60,7 +60,7 @@ def reconstruct(package: ModelPackage, image: np.ndarray, brain_mask: np.ndarray
     with torch.inference_mode(), _autocast(device):
         if package.card["dims"] == 3:
             volume = torch.from_numpy(image)[None, None].to(device)
-            reconstruction = _forward(network, package.family, volume)[0, 0].float().cpu().numpy()
+            reconstruction = _forward(network, volume)[0, 0].float().cpu().numpy()
             monitor.report("inference", 1.0)
         else:
             slices = np.flatnonzero(brain_mask.any(axis=(1, 2)))  # slices without brain stay as they are
@@ -69,6 +69,6 @@ def reconstruct(package: ModelPackage, image: np.ndarray, brain_mask: np.ndarray
                 monitor.check()
                 index = slices[start:start + size]
                 batch = torch.from_numpy(image[index])[:, None].to(device, non_blocking=True)
-                reconstruction[index] = _forward(network, package.family, batch)[:, 0].float().cpu().numpy()
+                reconstruction[index] = _forward(network, batch)[:, 0].float().cpu().numpy()
                 monitor.report("inference", min(start + size, len(slices)) / max(len(slices), 1))
     return np.where(brain_mask, reconstruction, 0.0).astype(np.float32)

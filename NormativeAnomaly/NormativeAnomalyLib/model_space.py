@@ -65,8 +65,9 @@ def prepare_model_input(image: sitk.Image, template: Template, registration: Reg
         mask = to_model_space(brain_mask_on_input, template, registration, sitk.sitkNearestNeighbor)
     else:
         mask = template.brain_mask
-    inside_field = to_model_space(sitk.Cast(image * 0 + 1, sitk.sitkUInt8), template, registration,
-                                  sitk.sitkNearestNeighbor)
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    inside_field = to_model_space(ones, template, registration, sitk.sitkNearestNeighbor)  # the input's field of view
     mask = sitk.And(sitk.Cast(mask > 0, sitk.sitkUInt8), inside_field)
     brain = sitk.GetArrayFromImage(mask).astype(bool)
     if brain.sum() < 0.05 * template.brain_mask_voxels:

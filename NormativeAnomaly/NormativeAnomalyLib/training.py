@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from .models.networks import build_network
 from .models.package import ModelPackage, write_package
-from .model_space import prepare_model_input
+from .model_space import ModelSpaceInput, prepare_model_input
 from .registration import identity_registration, register_to_template
 from .scoring import Calibration, anomaly_map, scoring_mask
 from .inference import reconstruct
@@ -33,23 +32,17 @@ DEFAULT_SCORING = {"residual": "absolute", "mask_erosion_mm": 2.0, "median_filte
 DEFAULT_NORMALISATION = {"method": "percentile", "lower": 1.0, "upper": 99.0, "clip": [0.0, 1.5]}
 
 
-@dataclass
-class HealthyVolume:
-    image: np.ndarray  # normalised, (z, y, x) on the template grid
-    brain_mask: np.ndarray
-
-
-def load_healthy(paths: list[str], template: Template, registered: bool, normalisation: dict) -> list[HealthyVolume]:
+def load_healthy(paths: list[str], template: Template, registered: bool,
+                 normalisation: dict) -> list[ModelSpaceInput]:
     volumes = []
     for path in paths:
         image = read_volume(path, name="healthy volume")
         registration = identity_registration() if registered else register_to_template(image, template.image)
-        prepared = prepare_model_input(image, template, registration, normalisation)
-        volumes.append(HealthyVolume(prepared.image, prepared.brain_mask))
+        volumes.append(prepare_model_input(image, template, registration, normalisation))
     return volumes
 
 
-def brain_slices(volumes: list[HealthyVolume], min_brain_fraction: float = 0.0) -> np.ndarray:
+def brain_slices(volumes: list[ModelSpaceInput], min_brain_fraction: float = 0.0) -> np.ndarray:
     """Axial slices with brain in them (as inference sees them), stacked as (n, y, x)."""
     kept = []
     for volume in volumes:
@@ -73,7 +66,7 @@ def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(inside, batch.clamp(min=0).pow(gamma) * scale, batch)
 
 
-def calibrate(package_like: ModelPackage, volumes: list[HealthyVolume], device: torch.device) -> Calibration:
+def calibrate(package_like: ModelPackage, volumes: list[ModelSpaceInput], device: torch.device) -> Calibration:
     """Calibration table from the package's own anomaly maps on held-out healthy volumes."""
     scores = []
     spacing_zyx = tuple(reversed(package_like.template.image.GetSpacing()))
