@@ -3,9 +3,11 @@
 
     python scripts/train.py scripts/configs/dae_t1_tiny.json [--out DIR] [--steps N]
 
-The config is plain data (see scripts/configs/): the template, the healthy volumes to train
-on and those held out for calibration (any NIfTI/NRRD files: a user's own healthy cohort
-works the same way; set "registered": false so they are registered to the template first),
+The config is plain data (see scripts/configs/): the template, the healthy data to train on
+and the data held out for calibration, as volume files ("train_volumes",
+"calibration_volumes": any NIfTI/NRRD files, so a user's own healthy cohort works the same
+way; "registered": false registers them to the template first) and/or populations prebuilt by
+scripts/build_population.py ("train_population", "calibration_population"),
 the network (a monai.networks.nets class and its arguments), steps, batch size, noise.
 Training resumes from "checkpoint" when that file exists.
 """
@@ -36,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         return str((base / path).resolve())
 
     for key in ("train_volumes", "calibration_volumes"):
-        config[key] = [resolve(p) for p in config[key]]
-    for key in ("out", "checkpoint"):
+        config[key] = [resolve(p) for p in config.get(key, [])]
+    for key in ("out", "checkpoint", "train_population", "calibration_population"):
         if config.get(key):
             config[key] = resolve(config[key])
     if args.out:
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             bar.refresh()
 
         package = train_dae(config, progress)
+    if package is None:  # not process 0 of a torchrun launch
+        return 0
     print(f"wrote {package.path} (final loss {package.card['training']['final_loss']}, "
           f"threshold at 1% healthy FPR {package.calibration.threshold_for_fpr(0.01):.4f})")
     return 0

@@ -61,9 +61,16 @@ def scoring_mask(brain_mask: np.ndarray, spacing_zyx: tuple[float, float, float]
 
 def anomaly_map(image: np.ndarray, reconstruction: np.ndarray | None, brain_mask: np.ndarray,
                 spacing_zyx: tuple[float, float, float], settings: dict) -> np.ndarray:
-    """Residual, median-filtered, zero outside the eroded brain mask (model-space arrays)."""
+    """Residual, median-filtered, zero outside the eroded brain mask (model-space arrays).
+
+    With ``scan_normalisation: "median"`` the map is divided by the scan's own median residual
+    in the brain: a scan that is noisier or less like the training data than the calibration
+    scans then keeps the same healthy false-positive rate (lesions are too small to move the median).
+    """
     score = residual(image, reconstruction, settings["residual"])
     if settings["median_filter_voxels"] > 1:
         score = ndimage.median_filter(score, size=settings["median_filter_voxels"])
     mask = scoring_mask(brain_mask, spacing_zyx, settings["mask_erosion_mm"])
+    if settings.get("scan_normalisation", "none") == "median" and mask.any():
+        score = score / max(float(np.median(score[mask])), 1e-6)
     return np.where(mask, score, 0.0).astype(np.float32)

@@ -74,3 +74,84 @@ def simulate_mass(image: np.ndarray, brain_mask: np.ndarray, spacing_zyx: tuple[
     result = displaced.copy()
     result[mask] = (1 - weight[mask]) * displaced[mask] + weight[mask] * lesion_value[mask]
     return SimulatedLesion(result.astype(np.float32), displaced, mask, tuple(centre_zyx))
+
+
+def simulate_multifocal(image: np.ndarray, brain_mask: np.ndarray, spacing_zyx: tuple[float, float, float],
+                        rng: np.random.Generator, *, count: int = 6, radius_mm: tuple[float, float] = (1.5, 3.5),
+                        contrast: float = -0.35) -> SimulatedLesion:
+    """Small lesions next to the ventricles (MS-like; T1 'black holes' by default), no mass effect.
+
+    Ventricles are found as the dark voxels deep in the brain; lesion centres lie 2-8 mm from them
+    in brighter (white-matter-like) tissue.
+    """
+    spacing = np.asarray(spacing_zyx, dtype=np.float64)
+    depth = ndimage.distance_transform_edt(brain_mask, sampling=spacing_zyx)
+    inside = brain_mask & (depth > 15.0)
+    ventricles = inside & (image < np.percentile(image[brain_mask], 12))
+    if ventricles.sum() < 10:
+        ventricles = inside & (image < np.percentile(image[inside], 10))
+    to_ventricle = ndimage.distance_transform_edt(~ventricles, sampling=spacing_zyx)
+    candidates = np.argwhere((to_ventricle > 2) & (to_ventricle < 8) & inside
+                             & (image > np.percentile(image[brain_mask], 55)))
+    if len(candidates) == 0:
+        candidates = np.argwhere(inside)
+    result, mask = image.astype(np.float32).copy(), np.zeros(image.shape, bool)
+    grid = np.indices(image.shape, dtype=np.float32)
+    for _ in range(count):
+        centre = candidates[rng.integers(len(candidates))]
+        radius = rng.uniform(*radius_mm)
+        lo = np.maximum(centre - np.ceil(radius * 1.6 / spacing).astype(int) - 1, 0)
+        hi = np.minimum(centre + np.ceil(radius * 1.6 / spacing).astype(int) + 2, image.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        # An ellipsoid elongated along a random direction (periventricular lesions are ovoid).
+        axes = radius * rng.uniform(0.7, 1.5, 3)
+        distance = sum(((grid[a][box] - centre[a]) * spacing[a] / axes[a]) ** 2 for a in range(3))
+        blob = (distance < 1.0) & brain_mask[box]
+        mask[box] |= blob
+    texture = 1.0 + 0.05 * _smooth_noise(image.shape, rng, sigma_voxels=1.0)
+    result[mask] = image[mask] * (1.0 + contrast) * texture[mask]
+    return SimulatedLesion(result, image.astype(np.float32), mask, tuple(int(v) for v in candidates[0]))
+
+
+def simulate_territorial(image: np.ndarray, brain_mask: np.ndarray, spacing_zyx: tuple[float, float, float],
+                         rng: np.random.Generator, *, radius_mm: float = 28.0,
+                         contrast: float = -0.4) -> SimulatedLesion:
+    """A large stroke-like lesion: a ball centred near the cortex, cut to the brain and to one hemisphere."""
+    spacing = np.asarray(spacing_zyx, dtype=np.float64)
+    depth = ndimage.distance_transform_edt(brain_mask, sampling=spacing_zyx)
+    candidates = np.argwhere(brain_mask & (depth > 6) & (depth < 12))
+    centre = candidates[rng.integers(len(candidates))]
+    grid = np.indices(image.shape, dtype=np.float32)
+    distance = np.sqrt(sum(((grid[a] - centre[a]) * spacing[a]) ** 2 for a in range(3)))
+    wobble = _smooth_noise(image.shape, rng, sigma_voxels=radius_mm / spacing.mean() / 3)
+    midline = np.argwhere(brain_mask)[:, 2].mean()  # x (last axis) centre of the brain
+    same_side = (grid[2] < midline) == (centre[2] < midline)
+    mask = (distance < radius_mm * (1.0 + 0.2 * wobble)) & brain_mask & same_side
+    texture = 1.0 + 0.05 * _smooth_noise(image.shape, rng, sigma_voxels=1.0)
+    result = image.astype(np.float32).copy()
+    result[mask] = image[mask] * (1.0 + contrast) * texture[mask]
+    return SimulatedLesion(result, image.astype(np.float32), mask, tuple(int(v) for v in centre))
+
+
+LESION_KINDS = ("hypointense", "hyperintense", "isointense", "multifocal", "territorial")
+
+
+def simulate_lesion(kind: str, image: np.ndarray, brain_mask: np.ndarray, spacing_zyx: tuple[float, float, float],
+                    rng: np.random.Generator) -> SimulatedLesion:
+    """A lesion of ``kind`` with size, contrast and location drawn from ``rng``."""
+    if kind == "hypointense":
+        return simulate_mass(image, brain_mask, spacing_zyx, rng, radius_mm=rng.uniform(6, 16),
+                             contrast=-rng.uniform(0.25, 0.6), mass_effect_mm=rng.uniform(1, 4))
+    if kind == "hyperintense":
+        return simulate_mass(image, brain_mask, spacing_zyx, rng, radius_mm=rng.uniform(6, 16),
+                             contrast=rng.uniform(0.25, 0.6), mass_effect_mm=rng.uniform(1, 4))
+    if kind == "isointense":
+        return simulate_mass(image, brain_mask, spacing_zyx, rng, radius_mm=rng.uniform(10, 18), contrast=0.0,
+                             mass_effect_mm=rng.uniform(3, 6))
+    if kind == "multifocal":
+        return simulate_multifocal(image, brain_mask, spacing_zyx, rng, count=int(rng.integers(4, 10)),
+                                   contrast=-rng.uniform(0.2, 0.45))
+    if kind == "territorial":
+        return simulate_territorial(image, brain_mask, spacing_zyx, rng, radius_mm=rng.uniform(20, 35),
+                                    contrast=-rng.uniform(0.25, 0.5))
+    raise ValueError(f"unknown lesion kind {kind!r}; use one of {', '.join(LESION_KINDS)}")

@@ -1,0 +1,140 @@
+"""The healthy population generator, the lesion kinds, evaluation metrics and 2-process training."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from NormativeAnomalyLib.evaluation import auprc, auroc, best_dice, detected_lesions, dice
+from NormativeAnomalyLib.population import Anatomy, healthy_variants, spatial_variant
+from NormativeAnomalyLib.simulation import LESION_KINDS, simulate_lesion
+
+REPO = Path(__file__).resolve().parent.parent
+NORMALISATION = {"method": "percentile", "lower": 1.0, "upper": 99.0, "clip": [0.0, 1.5]}
+
+
+@pytest.fixture(scope="module")
+def anatomy(template) -> Anatomy:
+    return Anatomy("template", sitk.GetArrayFromImage(template.image).astype(np.float32))
+
+
+def test_population_is_deterministic_for_a_seed(anatomy, template):
+    a, brain = healthy_variants(anatomy, template, 2, seed=5, normalisation=NORMALISATION)
+    b, _ = healthy_variants(anatomy, template, 2, seed=5, normalisation=NORMALISATION)
+    c, _ = healthy_variants(anatomy, template, 2, seed=6, normalisation=NORMALISATION)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.shape == (2, *brain.shape) and a.dtype == np.float16
+    assert np.all(a[:, ~brain] == 0)
+    # Normalised like inference: the 99th brain percentile sits near 1.
+    assert np.percentile(a[0][brain].astype(np.float32), 99) == pytest.approx(1.0, abs=0.05)
+
+
+def test_variants_differ_from_the_anatomy_but_stay_brain_like(anatomy, template):
+    variants, brain = healthy_variants(anatomy, template, 3, seed=9, normalisation=NORMALISATION)
+    original = sitk.GetArrayFromImage(template.image).astype(np.float32)
+    for variant in variants.astype(np.float32):
+        correlation = np.corrcoef(variant[brain], original[brain])[0, 1]
+        # Changed (noise, contrast, warps of up to 8 deg and 8%: voxel-wise correlation ~0.3-0.6),
+        # yet still brain-like intensities after normalisation (tissue between the percentiles).
+        assert 0.2 < correlation < 0.98
+        assert 0.3 < np.median(variant[brain]) < 0.95
+
+
+def test_spatial_variants_keep_a_plausible_brain_volume(template):
+    brain = sitk.GetArrayFromImage(template.brain_mask).astype(np.float32)
+    for seed in range(5):
+        warped = spatial_variant(brain, np.random.default_rng(seed), 2.0) > 0.5
+        assert 0.75 < warped.sum() / brain.sum() < 1.3
+        assert not np.array_equal(warped, brain > 0.5)
+
+
+@pytest.mark.parametrize("kind", LESION_KINDS)
+def test_every_lesion_kind_changes_exactly_its_mask(template, kind):
+    image = sitk.GetArrayFromImage(template.image).astype(np.float32)
+    brain = sitk.GetArrayFromImage(template.brain_mask).astype(bool)
+    lesion = simulate_lesion(kind, image, brain, (2.0, 2.0, 2.0), np.random.default_rng(100 + len(kind)))
+    changed = ~np.isclose(lesion.image, lesion.displaced, rtol=0, atol=1e-3)
+    np.testing.assert_array_equal(changed, lesion.mask)
+    assert lesion.mask.any() and not np.any(lesion.mask & ~ndimage.binary_dilation(brain, iterations=3))
+    components = ndimage.label(lesion.mask)[1]
+    if kind == "multifocal":
+        assert components >= 2 and lesion.mask.sum() * 8 < 5000  # several small lesions, < 5 mL
+    if kind == "territorial":
+        assert lesion.mask.sum() * 8 > 10_000  # > 10 mL
+    if kind in ("hypointense", "multifocal", "territorial"):
+        assert lesion.image[lesion.mask].mean() < lesion.displaced[lesion.mask].mean()
+    if kind == "hyperintense":
+        assert lesion.image[lesion.mask].mean() > lesion.displaced[lesion.mask].mean()
+
+
+def test_unknown_lesion_kind(template):
+    with pytest.raises(ValueError, match="unknown lesion kind"):
+        simulate_lesion("tumour", np.zeros((4, 4, 4)), np.ones((4, 4, 4), bool), (1, 1, 1), np.random.default_rng())
+
+
+def _brute_auroc(scores, truth):
+    positives, negatives = scores[truth], scores[~truth]
+    pairs = [(p > n) + 0.5 * (p == n) for p, n in itertools.product(positives, negatives)]
+    return float(np.mean(pairs))
+
+
+def _brute_average_precision(scores, truth):
+    thresholds = np.unique(scores)[::-1]
+    total, previous_recall = 0.0, 0.0
+    for t in thresholds:
+        flagged = scores >= t
+        precision = (flagged & truth).sum() / flagged.sum()
+        recall = (flagged & truth).sum() / truth.sum()
+        total += precision * (recall - previous_recall)
+        previous_recall = recall
+    return total
+
+
+def test_voxel_metrics_match_their_definitions():
+    rng = np.random.default_rng(0)
+    truth = rng.random(300) < 0.2
+    scores = np.round(rng.random(300) + 0.6 * truth, 1)  # rounding makes ties
+    assert auroc(scores, truth) == pytest.approx(_brute_auroc(scores, truth))
+    assert auprc(scores, truth) == pytest.approx(_brute_average_precision(scores, truth))
+    best, threshold = best_dice(scores, truth)
+    assert best == pytest.approx(max(dice(scores >= t, truth) for t in np.unique(scores)))
+    assert dice(scores >= threshold, truth) == pytest.approx(best)
+    assert auroc(truth.astype(float), truth) == 1.0 and auprc(truth.astype(float), truth) == 1.0
+
+
+def test_lesion_detection_counts_components():
+    truth = np.zeros((20, 20, 20), bool)
+    truth[2:4, 2:4, 2:4] = truth[10:12, 10:12, 10:12] = truth[15, 15, 15] = True
+    predicted = np.zeros_like(truth)
+    predicted[3, 3, 3] = predicted[15, 15, 15] = True
+    assert detected_lesions(predicted, truth) == (2, 3)
+
+
+def test_two_process_torchrun_training(tmp_path, template_t1_path):
+    """The DistributedDataParallel path: torchrun, 2 CPU processes (gloo), one package written."""
+    config = {
+        "name": "dae-ddp", "template": "icbm152_2009c_t1_2mm", "registered": True, "seed": 3,
+        "train_volumes": [str(template_t1_path)], "calibration_volumes": [str(template_t1_path)],
+        "network": {"name": "UNet", "args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 1,
+                                             "channels": [4, 8], "strides": [2], "num_res_units": 0}},
+        "steps": 4, "batch_size": 2, "out": str(tmp_path / "package"),
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "NormativeAnomaly"))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "scripts" / "train.py"), str(tmp_path / "config.json")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = json.loads((tmp_path / "package" / "model.json").read_text())
+    assert card["training"]["processes"] == 2 and card["training"]["steps"] == 4
+    assert (tmp_path / "package" / "training_loss.png").is_file()

@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Evaluate models on a folder of cases through the full pipeline, and write a table and a figure.
+
+    python scripts/evaluate.py --data data/testset --models intensity-t1 dae-t1 --out docs/evaluation
+
+A case folder holds ``<case>_image.nii.gz`` with ``<case>_mask.nii.gz`` for lesion cases (no
+mask: a healthy scan), and optionally ``cases.csv`` (case, type) to group results by lesion
+type; BraTS-style folders (``*_t1.nii.gz`` + ``*_seg.nii.gz``) and ATLAS-style
+(``*_T1w.nii.gz`` + ``*_label-L_mask.nii.gz``) pairs are recognised too. Every case goes
+through registration, inference, scoring and mapping back exactly as ``normative-anomaly run``.
+
+Per model and lesion type, pooled over the type's cases (voxels inside the brain mask or
+the lesion): Dice at the model's calibrated default threshold, best Dice (threshold chosen
+with the truth: optimistic, reported separately), AUPRC, AUROC, lesion-wise detection rate;
+per healthy scan: volume flagged at the calibrated threshold; seconds per volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "NormativeAnomaly"))
+
+from NormativeAnomalyLib.evaluation import auprc, auroc, best_dice, detected_lesions, dice  # noqa: E402
+from NormativeAnomalyLib.models import resolve_model  # noqa: E402
+from NormativeAnomalyLib.pipeline import RunOptions, detect_anomalies  # noqa: E402
+from NormativeAnomalyLib.volume_io import read_volume  # noqa: E402
+
+PAIR_PATTERNS = [(r"(.+)_image\.nii\.gz$", "{}_mask.nii.gz"), (r"(.+)_t1\.nii\.gz$", "{}_seg.nii.gz"),
+                 (r"(.+)_T1w\.nii\.gz$", "{}_label-L_mask.nii.gz")]
+
+
+def find_cases(folder: Path) -> list[dict]:
+    types = {}
+    if (folder / "cases.csv").is_file():
+        with open(folder / "cases.csv") as stream:
+            types = {row["case"]: row["type"] for row in csv.DictReader(stream)}
+    cases = []
+    for path in sorted(folder.iterdir()):
+        for pattern, mask_name in PAIR_PATTERNS:
+            match = re.match(pattern, path.name)
+            if match:
+                name = match.group(1)
+                mask = folder / mask_name.format(name)
+                kind = types.get(name, "lesion" if mask.is_file() else "healthy")
+                cases.append({"case": name, "image": path, "mask": mask if mask.is_file() else None, "type": kind})
+    return cases
+
+
+def evaluate_model(model: str, cases: list[dict], keep_maps: set[str]) -> dict:
+    package = resolve_model(model)
+    pooled = defaultdict(lambda: {"scores": [], "truth": [], "predicted": [], "hit": 0, "lesions": 0})
+    healthy, seconds, maps = {}, [], {}
+    for case in cases:
+        image = read_volume(case["image"])
+        start = time.perf_counter()
+        result = detect_anomalies(image, package, RunOptions(device="cpu"))
+        seconds.append(time.perf_counter() - start)
+        scores = sitk.GetArrayFromImage(result.anomaly_map)
+        region = sitk.GetArrayViewFromImage(result.brain_mask) > 0
+        predicted = result.segmentation.mask
+        if case["case"] in keep_maps:
+            maps[case["case"]] = (result.pseudo_healthy, result.anomaly_map, result.segmentation.threshold)
+        if case["mask"] is None:
+            healthy[case["case"]] = round(sum(l.volume_ml for l in result.segmentation.lesions), 3)
+            continue
+        truth = sitk.GetArrayFromImage(read_volume(case["mask"], name="mask")) > 0.5
+        region |= truth
+        entry = pooled[case["type"]]
+        entry["scores"].append(scores[region])
+        entry["truth"].append(truth[region])
+        entry["predicted"].append(predicted[region])
+        hit, count = detected_lesions(predicted, truth)
+        entry["hit"] += hit
+        entry["lesions"] += count
+        print(f"  {package.name} {case['case']}: Dice {dice(predicted, truth):.3f}, {seconds[-1]:.1f} s", flush=True)
+    rows = {}
+    for kind, entry in pooled.items():
+        scores, truth = np.concatenate(entry["scores"]), np.concatenate(entry["truth"])
+        rows[kind] = {"dice_calibrated": dice(np.concatenate(entry["predicted"]), truth),
+                      "best_dice": best_dice(scores, truth)[0], "auprc": auprc(scores, truth),
+                      "auroc": auroc(scores, truth), "detected": entry["hit"], "lesions": entry["lesions"],
+                      "prevalence": float(truth.mean())}
+    return {"model": package.name, "family": package.family, "types": rows, "healthy_flagged_ml": healthy,
+            "seconds_per_volume": float(np.mean(seconds)), "threshold_fpr": package.card["scoring"]["default_fpr"],
+            "maps": maps}
+
+
+def markdown(results: list[dict], cases: list[dict]) -> str:
+    kinds = sorted({c["type"] for c in cases if c["mask"] is not None})
+    lines = ["| model | lesion type | cases | Dice @ calibrated threshold | best Dice (optimistic) | AUPRC | AUROC | "
+             "lesions detected | prevalence |", "|---|---|---|---|---|---|---|---|---|"]
+    counts = {k: sum(c["type"] == k for c in cases) for k in kinds}
+    for result in results:
+        for kind in kinds:
+            r = result["types"][kind]
+            lines.append(f"| {result['model']} | {kind} | {counts[kind]} | {r['dice_calibrated']:.3f} | "
+                         f"{r['best_dice']:.3f} | {r['auprc']:.3f} | {r['auroc']:.3f} | "
+                         f"{r['detected']}/{r['lesions']} | {r['prevalence']:.4f} |")
+    healthy = sorted({name for result in results for name in result["healthy_flagged_ml"]})
+    lines += ["", "Volume flagged (mL) on healthy scans at each model's calibrated threshold "
+              "(1% healthy voxel false-positive rate on the calibration set), and seconds per volume (CPU):", "",
+              "| model | " + " | ".join(healthy) + " | s / volume |", "|---|" + "---|" * (len(healthy) + 1)]
+    for result in results:
+        lines.append(f"| {result['model']} | " + " | ".join(f"{result['healthy_flagged_ml'][h]:.1f}" for h in healthy)
+                     + f" | {result['seconds_per_volume']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(results: list[dict], cases: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [c for c in cases if c["case"] in results[0]["maps"]]
+    columns = 1 + 2 * len(results)
+    fig, axes = plt.subplots(len(shown), columns, figsize=(2.4 * columns, 2.6 * len(shown)), squeeze=False)
+    for row, case in enumerate(shown):
+        image = sitk.GetArrayFromImage(sitk.DICOMOrient(read_volume(case["image"]), "LPS"))
+        truth = (sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(case["mask"])), "LPS")) > 0
+                 if case["mask"] else np.zeros(image.shape, bool))
+        k = int(np.argmax(truth.sum(axis=(1, 2)))) if truth.any() else image.shape[0] // 2
+        low, high = np.percentile(image, [1, 99.5])
+        axes[row, 0].imshow(image[k], cmap="gray", vmin=low, vmax=high)
+        if truth[k].any():
+            axes[row, 0].contour(truth[k], [0.5], colors="lime", linewidths=0.8)
+        axes[row, 0].set_ylabel(f"{case['case']}", fontsize=7)
+        for index, result in enumerate(results):
+            healthy, scores, threshold = result["maps"][case["case"]]
+            healthy = sitk.GetArrayFromImage(sitk.DICOMOrient(healthy, "LPS"))
+            scores = sitk.GetArrayFromImage(sitk.DICOMOrient(scores, "LPS"))
+            axes[row, 1 + 2 * index].imshow(healthy[k], cmap="gray", vmin=low, vmax=high)
+            axes[row, 2 + 2 * index].imshow(scores[k], cmap="inferno", vmin=0, vmax=2 * threshold)
+            if row == 0:
+                axes[row, 1 + 2 * index].set_title(f"{result['model']}\npseudo-healthy", fontsize=8)
+                axes[row, 2 + 2 * index].set_title(f"{result['model']}\nanomaly map", fontsize=8)
+        if row == 0:
+            axes[row, 0].set_title("input (truth in green)", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--models", nargs="+", required=True, help="registered names or package folders")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--figure-cases", nargs="*", help="cases shown in the figure (default: one per type)")
+    args = parser.parse_args(argv)
+    cases = find_cases(args.data)
+    if not cases:
+        raise SystemExit(f"no cases found in {args.data}")
+    shown = args.figure_cases or list({c["type"]: c["case"] for c in reversed(cases)}.values())
+    results = []
+    for model in args.models:
+        print(f"{model}: {len(cases)} cases", flush=True)
+        results.append(evaluate_model(model, cases, set(shown)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(results, cases)
+    (args.out / "results.md").write_text(table)
+    (args.out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "maps"} for r in results],
+                                                      indent=2) + "\n")
+    figure(results, cases, args.out / "examples.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
