@@ -7,7 +7,7 @@
 - ``Resources/Templates/icbm152_2009c_t1_2mm``: ICBM 2009c symmetric T1 (with skull) and brain
   mask on the 2 mm model grid (96x112x96), with the MNI notice.
 - ``Resources/Models/intensity-t1``: the intensity baseline (normalised intensity is the score),
-  calibrated on the template itself (no training involved).
+  calibrated on the held-out healthy population (run scripts/build_population.py first).
 - ``Resources/SampleData/demo_t1.nii.gz`` + ``demo_lesion_mask.nii.gz``: the demo case, made from
   FSL's MNI152 (6th generation, a different average than the models' template) at 1.5 mm,
   tilted and shifted like a patient in a scanner, with scanner-like noise and a simulated
@@ -28,11 +28,11 @@ import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "NormativeAnomaly"))
+sys.path.insert(0, str(REPO / "scripts"))
 
-from NormativeAnomalyLib.model_space import prepare_model_input  # noqa: E402
 from NormativeAnomalyLib.models.package import write_package  # noqa: E402
-from NormativeAnomalyLib.registration import identity_registration  # noqa: E402
-from NormativeAnomalyLib.scoring import Calibration, anomaly_map, scoring_mask  # noqa: E402
+from NormativeAnomalyLib.scoring import Calibration  # noqa: E402
+from calibrate import recalibrate  # noqa: E402
 from NormativeAnomalyLib.simulation import simulate_mass  # noqa: E402
 from NormativeAnomalyLib.templates import load_template, write_template  # noqa: E402
 
@@ -42,6 +42,8 @@ TEMPLATE_NAME = "icbm152_2009c_t1_2mm"
 GRID_SIZE, GRID_SPACING = (96, 112, 96), (2.0, 2.0, 2.0)
 NORMALISATION = {"method": "percentile", "lower": 1.0, "upper": 99.0, "clip": [0.0, 1.5]}
 MNI_NOTICE = "Resources/Licenses/MNI-ICBM152.txt"
+CALIBRATION_DATA = ("24 synthetic healthy variants of Colin27 (held out from all training), made by "
+                    "scripts/build_population.py")
 
 
 def _resample_to_grid(image: sitk.Image, size, spacing, transform=None, interpolator=sitk.sitkLinear,
@@ -88,7 +90,7 @@ def intensity_card(calibration: Calibration) -> dict:
         "network": None, "weights": None, "inference": {"batch_size": 1},
         "scoring": {"residual": "positive", "mask_erosion_mm": 2.0, "median_filter_voxels": 3,
                     "min_lesion_mm3": 50.0, "default_fpr": 0.01},
-        "calibration": {"data": "ICBM 2009c T1 template on the model grid (the template itself, no registration)",
+        "calibration": {"data": CALIBRATION_DATA,
                         "fpr": list(calibration.fpr), "threshold": list(calibration.threshold)},
         "training": {"data": "none: the baseline has no trained parameters", "script": "scripts/build_resources.py"},
         "license": "Code Apache-2.0; calibration derived from ICBM 2009c under the MNI notice (Resources/Licenses/MNI-ICBM152.txt)",
@@ -96,19 +98,14 @@ def intensity_card(calibration: Calibration) -> dict:
 
 
 def build_intensity_package() -> None:
-    template = load_template(TEMPLATE_NAME, RESOURCES / "Templates")
-    # The template as inference would prepare it (already in template space: no registration).
-    prepared = prepare_model_input(template.image, template, identity_registration(), NORMALISATION)
-    brain = prepared.brain_mask
-    card = intensity_card(Calibration((0.01, 0.5), (1.0, 0.0)))
-    scores = anomaly_map(prepared.image, None, brain, tuple(reversed(GRID_SPACING)), card["scoring"])
-    # Calibrate over the voxels the map is defined on: the eroded brain.
-    inside = scoring_mask(brain, tuple(reversed(GRID_SPACING)), card["scoring"]["mask_erosion_mm"])
-    calibration = Calibration.from_healthy_scores(scores[inside])
-    card = intensity_card(calibration)
-    package = write_package(RESOURCES / "Models" / "intensity-t1", card, overwrite=True)
-    print(f"intensity baseline: {package.path.relative_to(REPO)}; threshold at 1% FPR "
-          f"{calibration.threshold_for_fpr(0.01):.4f}")
+    """The baseline has nothing to train: its package is the card, calibrated on the held-out
+    healthy population (scripts/build_population.py) with the same code as trained models."""
+    population = REPO / "data" / "population" / "calibration.npy"
+    if not population.is_file():
+        raise SystemExit("build the healthy population first: python scripts/build_population.py")
+    folder = RESOURCES / "Models" / "intensity-t1"
+    write_package(folder, intensity_card(Calibration((0.01, 0.5), (1.0, 0.0))), overwrite=True)
+    recalibrate(folder, population, [], CALIBRATION_DATA)
 
 
 def build_demo_case() -> None:
