@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -98,3 +99,22 @@ def test_training_resumes_from_its_checkpoint(tmp_path, template_t1_path):
     assert steps_seen == [4, 5, 6]  # only the missing steps ran
     for key, value in straight.state_dict.items():
         torch.testing.assert_close(resumed.state_dict[key], value)
+
+
+def test_recalibration_on_other_healthy_data_rewrites_only_the_calibration(trained_dae, tmp_path, real_t1_head_path):
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from calibrate import recalibrate
+
+    folder = tmp_path / "package"
+    shutil.copytree(trained_dae.path, folder)
+    recalibrate(folder, None, [str(real_t1_head_path)], "one real head (test)")
+    after = load_package(folder)
+    assert after.card["calibration"]["data"] == "one real head (test)"
+    assert after.card["calibration"]["threshold"] != trained_dae.card["calibration"]["threshold"]
+    assert {k: v for k, v in after.card.items() if k != "calibration"} == \
+        {k: v for k, v in trained_dae.card.items() if k != "calibration"}
+    for key, value in trained_dae.state_dict.items():
+        torch.testing.assert_close(after.state_dict[key], value)
