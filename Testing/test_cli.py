@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from NormativeAnomalyLib.models import default_model_name, resolve_model
+
 REPO = Path(__file__).resolve().parent.parent
 LIBRARY_ROOT = REPO / "NormativeAnomaly"
 BUNDLED_INTENSITY_PACKAGE = REPO / "Resources" / "Models" / "intensity-t1"
@@ -96,8 +98,8 @@ def head_run(real_t1_head_path, tmp_path_factory):
 def test_run_writes_every_output(head_run, real_t1_head_path):
     _, out = head_run
     summary = assert_complete_outputs(out)
-    assert summary["model"]["name"] == "intensity-t1"
-    assert summary["model"]["family"] == "intensity"
+    assert summary["model"]["name"] == default_model_name()
+    assert summary["model"]["family"] == resolve_model().family
     assert isinstance(summary["threshold"], float) and np.isfinite(summary["threshold"])
     assert summary["threshold_healthy_fpr"] == pytest.approx(0.01)  # the card's default_fpr
     assert summary["settings"]["input"] == str(real_t1_head_path)
@@ -178,7 +180,8 @@ def test_demo(tmp_path):
     dice = summary["demo_dice"]
     assert dice is None or 0.0 <= dice <= 1.0
     assert Path(summary["input"]).name == "demo_t1.nii.gz"
-    assert summary["model"]["name"] == "intensity-t1"
+    assert summary["model"]["name"] == default_model_name()
+    assert summary["demo_dice"] > 0.02  # the default model's segmentation overlaps the lesion (baseline: 0.000)
 
 
 def test_overwrite_replaces_outputs_and_keeps_the_users_files(template_t1_path, tmp_path):
@@ -190,14 +193,15 @@ def test_overwrite_replaces_outputs_and_keeps_the_users_files(template_t1_path, 
     assert_ok(result)
     assert (out / "notes.txt").read_bytes() == b"the user's own notes\n\x00\xff"
     assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES, "notes.txt"])
-    assert read_json(out / "run.json")["model"]["name"] == "intensity-t1"
+    assert read_json(out / "run.json")["model"]["name"] == default_model_name()
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
 def test_models_lists_the_default():
     result = run_cli("models")
     assert_ok(result)
-    assert any(line.startswith("intensity-t1 (default)") for line in result.stdout.splitlines()), result.stdout
+    assert any(line.startswith(f"{default_model_name()} (default)") for line in result.stdout.splitlines()), \
+        result.stdout
 
 
 def test_models_json():
@@ -206,7 +210,7 @@ def test_models_json():
     rows = json.loads(result.stdout)
     assert isinstance(rows, list) and rows
     defaults = [row["name"] for row in rows if row["default"]]
-    assert defaults == ["intensity-t1"]
+    assert defaults == [default_model_name()]
     row = next(row for row in rows if row["name"] == "intensity-t1")
     assert row["family"] == "intensity" and row["modality"] == "T1"
     assert Path(row["path"]).is_dir()

@@ -64,7 +64,7 @@ def test_rigid_recovers_a_rigid_motion(template):
 
 def test_real_head_registers_plausibly(template, real_t1_head_path):
     """A real 2x2x3 mm head with skull: a plausible head-size affine, and brain intensities that
-    correlate with the template's once aligned (about 0.5 here; about 0.1 when misaligned by 10 mm)."""
+    correlate with the template's once aligned."""
     head = read_volume(real_t1_head_path)
     result = register_to_template(head, template.image, "affine")
     singular = np.linalg.svd(np.asarray(result.transform.GetMatrix()).reshape(3, 3), compute_uv=False)
@@ -76,7 +76,8 @@ def test_real_head_registers_plausibly(template, real_t1_head_path):
         return float(np.corrcoef(moved[brain], sitk.GetArrayViewFromImage(template.image)[brain])[0, 1])
 
     shifted = sitk.CompositeTransform([result.transform, sitk.TranslationTransform(3, (10.0, 0.0, 0.0))])
-    assert brain_correlation(result.transform) > 0.4
+    # 0.32-0.53 over repeated runs (multi-threaded metric sums vary), 0.10-0.13 when shifted by 10 mm.
+    assert brain_correlation(result.transform) > 0.25
     assert brain_correlation(result.transform) > brain_correlation(shifted) + 0.1
 
 
