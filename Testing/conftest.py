@@ -74,6 +74,17 @@ def trained_dae(trained_dae_run):
     return trained_dae_run[0]
 
 
+def micro_training_config(name: str, volume: Path, **overrides) -> dict:
+    """A training config small enough to run in seconds (a 2-level U-Net with 4 and 8 channels)."""
+    return {
+        "name": name, "template": TEMPLATE_NAME, "registered": True, "seed": 1,
+        "train_volumes": [str(volume)], "calibration_volumes": [str(volume)],
+        "network": {"name": "UNet", "args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 1,
+                                             "channels": [4, 8], "strides": [2], "num_res_units": 0}},
+        "batch_size": 2,
+    } | overrides
+
+
 def sitk_from_array(values: np.ndarray, like: sitk.Image) -> sitk.Image:
     image = sitk.GetImageFromArray(values)
     image.CopyInformation(like)

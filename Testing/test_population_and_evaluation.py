@@ -14,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from conftest import micro_training_config
 from NormativeAnomalyLib.evaluation import auprc, auroc, best_dice, detected_lesions, dice
 from NormativeAnomalyLib.population import Anatomy, healthy_variants, spatial_variant
 from NormativeAnomalyLib.simulation import LESION_KINDS, simulate_lesion
@@ -122,13 +123,7 @@ def test_lesion_detection_counts_components():
 
 def test_two_process_torchrun_training(tmp_path, template_t1_path):
     """The DistributedDataParallel path: torchrun, 2 CPU processes (gloo), one package written."""
-    config = {
-        "name": "dae-ddp", "template": "icbm152_2009c_t1_2mm", "registered": True, "seed": 3,
-        "train_volumes": [str(template_t1_path)], "calibration_volumes": [str(template_t1_path)],
-        "network": {"name": "UNet", "args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 1,
-                                             "channels": [4, 8], "strides": [2], "num_res_units": 0}},
-        "steps": 4, "batch_size": 2, "out": str(tmp_path / "package"),
-    }
+    config = micro_training_config("dae-ddp", template_t1_path, seed=3, steps=4, out=str(tmp_path / "package"))
     (tmp_path / "config.json").write_text(json.dumps(config))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "NormativeAnomaly"))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

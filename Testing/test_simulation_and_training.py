@@ -9,6 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from conftest import micro_training_config
 from NormativeAnomalyLib.inference import reconstruct
 from NormativeAnomalyLib.model_space import prepare_model_input
 from NormativeAnomalyLib.models import load_package
@@ -82,14 +83,8 @@ def test_short_training_lowers_the_loss_and_writes_a_loadable_package(trained_da
 def test_training_resumes_from_its_checkpoint(tmp_path, template_t1_path):
     from NormativeAnomalyLib.training import train_dae
 
-    config = {
-        "name": "dae-resume", "template": "icbm152_2009c_t1_2mm", "registered": True, "seed": 1,
-        "train_volumes": [str(template_t1_path)], "calibration_volumes": [str(template_t1_path)],
-        "network": {"name": "UNet", "args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 1,
-                                             "channels": [4, 8], "strides": [2], "num_res_units": 0}},
-        "steps": 6, "batch_size": 2, "checkpoint": str(tmp_path / "ckpt.pt"), "checkpoint_every": 3,
-        "out": str(tmp_path / "straight"),
-    }
+    config = micro_training_config("dae-resume", template_t1_path, steps=6, checkpoint=str(tmp_path / "ckpt.pt"),
+                                   checkpoint_every=3, out=str(tmp_path / "straight"))
     straight = train_dae(config)
     steps_seen: list[int] = []
     partial = dict(config, steps=3, checkpoint=str(tmp_path / "ckpt2.pt"), out=str(tmp_path / "partial"))
