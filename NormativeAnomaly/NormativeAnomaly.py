@@ -1,9 +1,6 @@
-import json
 import logging
 import os
-import re
 import shutil
-import sys
 import tempfile
 from typing import Annotated, Any, Optional
 
@@ -13,19 +10,19 @@ import slicer
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+
+from NormativeAnomalySlicer.sample_data import registerSampleData
 
 try:
     from slicer.i18n import tr as _
 except ImportError:  # Slicer < 5.4 has no translation support
     _ = str
 
-# Torch and MONAI are never imported here (nor at import time of anything this file imports):
-# inference runs in a separate PythonSlicer process. A later issue adds pip_ensure for them.
-
-MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-CLI_MODULE = "NormativeAnomalyLib.cli"
+# Torch and MONAI are never imported in Slicer's process: the analysis runs in a PythonSlicer child
+# process (NormativeAnomalyLib.cli), and every torch check asks such a child (NormativeAnomalySlicer).
+# The heavier helpers (SimpleITK, scipy) are imported when the panel is first shown, not at startup.
 
 
 class NormativeAnomaly(ScriptedLoadableModule):
@@ -45,58 +42,81 @@ Inputs are registered to the MNI ICBM152 2009c template (Fonov et al., NeuroImag
 MNI ICBM152 template: Copyright (C) 1993-2004 Louis Collins, McConnell Brain Imaging Centre, Montreal
 Neurological Institute, McGill University; notice in Resources/Licenses/MNI-ICBM152.txt. Uses PyTorch and MONAI.
 """)
+        # The demo case goes into the Sample Data module once the application has started.
+        slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 @parameterNodeWrapper
 class NormativeAnomalyParameterNode:
-    """inputVolume: volume to analyse; modelName: normative model (name from the CLI's model list);
-    alreadyInTemplateSpace: skip registration; device: auto, cpu or cuda."""
+    """Inputs of a run (inputVolume, brainMask, modelName, device, alreadyInTemplateSpace) and the
+    active result with its display settings. threshold and minLesionMm3 mirror the active result's
+    saved settings (a ctkSliderWidget binding needs bounds; the threshold slider range is set per result)."""
 
     inputVolume: vtkMRMLScalarVolumeNode
+    brainMask: Optional[vtkMRMLLabelMapVolumeNode]
     modelName: str = ""
-    alreadyInTemplateSpace: bool = False
     # Choice is required by the parameter node wrapper to bind a str to a QComboBox.
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
+    alreadyInTemplateSpace: bool = False
+    activeResult: Optional[vtkMRMLSegmentationNode]
+    threshold: Annotated[float, WithinRange(0.0, 1.0e6)] = 0.0
+    minLesionMm3: Annotated[float, WithinRange(0.0, 5000.0)] = 0.0
+    overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    fade: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
 
 
 class NormativeAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Lifecycle, parameter node and model selector; the Run section is a RunPanel, the results,
+    lesions and export sections a ResultsPanel (NormativeAnomalySlicer)."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)  # needed for parameter node observation
         self.logic: Optional[NormativeAnomalyLogic] = None
         self._parameterNode: Optional[NormativeAnomalyParameterNode] = None
         self._parameterNodeGuiTag = None
+        self._handlingModified = False
 
     def setup(self) -> None:
+        from NormativeAnomalySlicer.results_panel import ResultsPanel
+        from NormativeAnomalySlicer.run_panel import RunPanel
+
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/NormativeAnomaly.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = NormativeAnomalyLogic()
+        # The panels ask for the parameter node each time: it changes when the scene is closed.
+        self._results = ResultsPanel(self.ui, self._currentParameterNode, self._showStatus)
+        self._run = RunPanel(self.ui, self.logic, self._currentParameterNode, self._showStatus, self._onResultLoaded)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         # The model list is dynamic, so modelSelector is synchronised by hand (no SlicerParameterName).
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelSelected)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
 
         self._populateModelSelector()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self._run.cleanup()  # cancels a running analysis
+        self._results.cleanup()
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self._run.detectDevices()
 
     def exit(self) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._run.cancel(_("Cancelled: the scene was closed."))
+        self._results.setResult(None)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -113,24 +133,53 @@ class NormativeAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode: Optional[NormativeAnomalyParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             # Widgets with a "SlicerParameterName" dynamic property in the .ui are connected here.
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._syncModelSelector()
-            self._checkCanApply()
+            self._results.reapplyThresholdRange()  # connectGui set the slider to the declared range
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
+
+    def _currentParameterNode(self) -> Optional[NormativeAnomalyParameterNode]:
+        return self._parameterNode
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        """Route parameter changes to the panel sections. Changes made while handling one (a result's
+        saved settings loaded into the sliders) are dealt with in the same pass: nested events are ignored."""
+        if self._handlingModified or not self._parameterNode:
+            return
+        self._handlingModified = True
+        try:
+            parameters = self._parameterNode
+            if self.ui.modelSelector.currentData != parameters.modelName:
+                self._syncModelSelector()
+            if parameters.activeResult is not self._results.source:
+                self._results.setResult(parameters.activeResult)
+            self._results.onSettingsChanged()  # threshold / minimum size: throttled re-segmentation
+            self._results.showResult()  # overlay opacity / fade
+            self._run.checkCanApply()
+        finally:
+            self._handlingModified = False
+
+    def _onResultLoaded(self, nodes, live) -> None:
+        """A run finished: its result becomes the active one."""
+        self._results.adopt(nodes, live)
+        if self._parameterNode:
+            self._parameterNode.activeResult = nodes.segmentation
+        if self._results.source is not nodes.segmentation:  # module not shown: the parameter node is not observed
+            self._results.setResult(nodes.segmentation)
 
     def _populateModelSelector(self) -> None:
-        """List the CLI's models, the default one first (it is selected when the parameter node has none)."""
+        """The registered models, the default one first (it is selected when the parameter node has none)."""
         try:
-            for model in sorted(self.logic.availableModels(), key=lambda m: not m.get("default")):
-                label = f"{model['name']} ({model.get('family', '?')}, {model.get('modality', '?')})"
+            for model in self.logic.availableModels():
+                label = f"{model['name']} ({model.get('family') or '?'}, {model.get('modality') or '?'})"
                 self.ui.modelSelector.addItem(label, model["name"])
-        except Exception as e:
-            logging.error(f"Could not list normative models: {e}")
-            self.ui.statusLabel.text = _("Could not list the models (see the Python console).")
+        except (OSError, ValueError, KeyError) as error:
+            logging.error(f"NormativeAnomaly: cannot list the models: {error}")
+            self._showStatus(_("Could not list the models: {error}").format(error=error))
 
     def _syncModelSelector(self) -> None:
         """Show the parameter node's model; use the default model if it is unset or unknown."""
@@ -138,33 +187,25 @@ class NormativeAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if index < self.ui.modelSelector.count:
             self.ui.modelSelector.currentIndex = index
             self._parameterNode.modelName = self.ui.modelSelector.itemData(index)
+        self._showModelCard()
 
     def onModelSelected(self, index: int) -> None:
         if self._parameterNode and index >= 0:
             self._parameterNode.modelName = self.ui.modelSelector.itemData(index)
+        self._showModelCard()
 
-    def _checkCanApply(self, caller=None, event=None) -> None:
-        canApply = bool(self._parameterNode and self._parameterNode.inputVolume and self._parameterNode.modelName)
-        self.ui.applyButton.enabled = canApply
-        self.ui.applyButton.toolTip = (_("Compute the pseudo-healthy image, anomaly map and anomaly segmentation")
-                                       if canApply else _("Select an input volume and a model"))
+    def _showModelCard(self) -> None:
+        from NormativeAnomalySlicer.model_cards import cardHtml
 
-    def onApplyButton(self) -> None:
-        parameters = self._parameterNode
-        self.ui.applyButton.enabled = False
-        self.ui.statusLabel.text = _("Detecting anomalies...")
-        slicer.app.processEvents()
-        succeeded = False
-        with slicer.util.tryWithErrorDisplay(_("Anomaly detection failed."), waitCursor=True):
-            self.logic.process(parameters.inputVolume, parameters.modelName, parameters.device,
-                               parameters.alreadyInTemplateSpace)
-            succeeded = True
-        self.ui.statusLabel.text = _("Done.") if succeeded else _("Failed (see the Python console for details).")
-        self._checkCanApply()
+        self.ui.modelCardLabel.text = cardHtml(self.logic.modelCard(self.ui.modelSelector.currentData))
+
+    def _showStatus(self, text: str) -> None:
+        self.ui.statusLabel.text = text
 
 
 class NormativeAnomalyLogic(ScriptedLoadableModuleLogic):
-    """Runs NormativeAnomalyLib's command-line tool in a separate PythonSlicer process."""
+    """Runs NormativeAnomalyLib's command-line tool in a child PythonSlicer process and loads its results
+    with the library's MRML layer. Usable without the widget (see the test)."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -173,87 +214,45 @@ class NormativeAnomalyLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self) -> NormativeAnomalyParameterNode:
         return NormativeAnomalyParameterNode(super().getParameterNode())
 
-    def availableModels(self, refresh: bool = False) -> list[dict[str, Any]]:
-        """Models known to the CLI: dicts with at least name, family, modality and default (bool)."""
-        if self._models is None or refresh:
-            self._models = _parseJson(self._runCli(["models", "--json"]), list)
+    def availableModels(self) -> list[dict[str, Any]]:
+        """Registered models (card fields and ``default``), the default first."""
+        from NormativeAnomalySlicer.model_cards import availableModels
+
+        if self._models is None:
+            self._models = availableModels()
         return self._models
+
+    def modelCard(self, modelName: Optional[str]) -> Optional[dict[str, Any]]:
+        return next((model for model in self.availableModels() if model["name"] == modelName), None)
 
     def defaultModelName(self) -> Optional[str]:
         models = self.availableModels()
-        defaults = [model["name"] for model in models if model.get("default")]
-        return defaults[0] if defaults else (models[0]["name"] if models else None)
+        return models[0]["name"] if models else None
 
-    def process(self, inputVolume: vtkMRMLScalarVolumeNode, modelName: str, device: str = "auto",
-                alreadyInTemplateSpace: bool = False,
-                ) -> tuple[vtkMRMLScalarVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode]:
-        """Return the pseudo-healthy volume, the anomaly map and the anomaly segmentation nodes."""
-        if not inputVolume or not inputVolume.GetImageData() or not modelName:
-            raise ValueError("An input volume with image data and a model name are required")
-        workDir = tempfile.mkdtemp(prefix="NormativeAnomaly-", dir=slicer.app.temporaryPath)
-        try:
-            inputPath = os.path.join(workDir, "input.nii.gz")
-            # A standalone storage node writes the file without redirecting the input node's own storage node
-            # to this temporary file (which slicer.util.saveNode would do).
-            storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
-            storageNode.SetFileName(inputPath)
-            if not storageNode.WriteData(inputVolume):
-                raise RuntimeError(f"Could not write the input volume to {inputPath}")
-            outDir = os.path.join(workDir, "out")
-            args = ["run", inputPath, "--out", outDir, "--model", modelName, "--device", device, "--json"]
-            if alreadyInTemplateSpace:
-                args.append("--registered")
-            # Blocking for now: a background process with progress and cancel comes in a later issue.
-            self._runCli(args)  # its JSON summary goes to the application log
+    def startRun(self, inputVolume: vtkMRMLScalarVolumeNode, modelName: str, device: str = "auto",
+                 alreadyInTemplateSpace: bool = False, brainMask: Optional[vtkMRMLLabelMapVolumeNode] = None):
+        """Start the analysis in the background; returns a RunHandle to poll, finish or cancel."""
+        from NormativeAnomalySlicer import run_controller
 
-            baseName, suffix = inputVolume.GetName(), f"({modelName})"
-            pseudoHealthy = slicer.util.loadVolume(os.path.join(outDir, "pseudo_healthy.nii.gz"))
-            anomalyMap = slicer.util.loadVolume(os.path.join(outDir, "anomaly_map.nii.gz"))
-            anomalies = slicer.util.loadSegmentation(os.path.join(outDir, "anomalies.seg.nrrd"))
-            labels = {"pseudo-healthy": pseudoHealthy, "anomaly map": anomalyMap, "anomalies": anomalies}
-            for label, node in labels.items():
-                node.SetName(f"{baseName} {label} {suffix}")
-                # The files are deleted below: detach them so that the nodes count as not saved yet.
-                slicer.mrmlScene.RemoveNode(node.GetStorageNode())
-                node.StorableModified()
-        finally:
-            shutil.rmtree(workDir, ignore_errors=True)
+        return run_controller.startRun(inputVolume, modelName, device, alreadyInTemplateSpace, brainMask,
+                                       slicer.app.temporaryPath)
 
-        colorNodeID = "vtkMRMLColorTableNodeFileInferno.txt"
-        if not slicer.mrmlScene.GetNodeByID(colorNodeID):
-            colorNodeID = "vtkMRMLColorTableNodeFileColdToHotRainbow.txt"
-        anomalyMap.GetDisplayNode().SetAndObserveColorNodeID(colorNodeID)
-        slicer.util.setSliceViewerLayers(background=inputVolume, foreground=anomalyMap, foregroundOpacity=0.5)
-        return pseudoHealthy, anomalyMap, anomalies
+    def waitForRun(self, handle, timeoutSeconds: float = 3600.0):
+        """Block (keeping the application responsive) until the run ends; returns its RunState."""
+        from NormativeAnomalySlicer import run_controller
 
-    def _runCli(self, args: list[str]) -> str:
-        """Run `python -m NormativeAnomalyLib.cli ARGS` with the module folder on PYTHONPATH; return its output."""
-        pythonPath = os.pathsep.join(filter(None, [MODULE_DIR, slicer.util.startupEnvironment().get("PYTHONPATH")]))
-        command = [shutil.which("PythonSlicer") or sys.executable, "-m", CLI_MODULE, *args]
-        logging.info("Running: " + " ".join(command))
-        proc = slicer.util.launchConsoleProcess(command, updateEnvironment={"PYTHONPATH": pythonPath})
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            logging.info(line.rstrip())
-            slicer.app.processEvents()  # keep the GUI responsive while waiting
-        proc.wait()
-        output = "".join(lines)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{CLI_MODULE} {args[0]} failed (exit code {proc.returncode}):\n{output[-3000:]}")
-        return output
+        return run_controller.waitForRun(handle, timeoutSeconds, slicer.app.processEvents)
 
+    def cancelRun(self, handle):
+        from NormativeAnomalySlicer import run_controller
 
-def _parseJson(output: str, expectedType: type) -> Any:
-    """Return the first JSON value of expectedType that starts a line of the CLI output (log lines are mixed in)."""
-    for match in re.finditer(r"^[ \t]*([\[{])", output, re.MULTILINE):
-        try:
-            value = json.JSONDecoder().raw_decode(output, match.start(1))[0]
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, expectedType):
-            return value
-    raise RuntimeError(f"No JSON {expectedType.__name__} in the command-line tool output:\n{output[-3000:]}")
+        return run_controller.cancelRun(handle)
+
+    def finishRun(self, handle):
+        """Load a finished run (all or nothing): returns (ResultNodes, LiveSegmentation)."""
+        from NormativeAnomalySlicer import run_controller
+
+        return run_controller.finishRun(handle, slicer.mrmlScene, slicer.modules.colors.logic())
 
 
 class NormativeAnomalyTest(ScriptedLoadableModuleTest):
@@ -262,29 +261,145 @@ class NormativeAnomalyTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
-        self.test_NormativeAnomaly1()
+        self.test_RunThresholdRejectExport()
+        self.setUp()
+        self.test_Panel()
+        self.setUp()
+        self.test_Cancel()
 
-    def test_NormativeAnomaly1(self):
-        """Run the default model on the bundled demo case and check the three outputs."""
+    def _loadDemo(self):
+        from NormativeAnomalySlicer.sample_data import demoPath
+
+        self.assertTrue(demoPath().is_file(), f"demo case not found: {demoPath()}")
+        return slicer.util.loadVolume(str(demoPath()))
+
+    def test_RunThresholdRejectExport(self):
+        """Default model on the demo case through the logic's background run, then the live controls."""
         import numpy
-        self.delayDisplay("Starting the test")
-        # Bundled demo case: module Resources when installed, top-level Resources in the source tree.
-        candidates = [os.path.normpath(os.path.join(MODULE_DIR, parent, "Resources", "SampleData", "demo_t1.nii.gz"))
-                      for parent in (os.curdir, os.pardir)]
-        demoPath = next((path for path in candidates if os.path.exists(path)), None)
-        self.assertIsNotNone(demoPath, f"demo case not found: {candidates}")
-        inputVolume = slicer.util.loadVolume(demoPath)
-        logic = NormativeAnomalyLogic()
-        modelName = logic.defaultModelName()
-        self.assertTrue(modelName, "no model available")
+        from NormativeAnomalyLib.mrml.export import EXPORT_FILES, export_result
+        from NormativeAnomalyLib.mrml.result_nodes import SEGMENT_ID
 
-        pseudoHealthy, anomalyMap, anomalies = logic.process(inputVolume, modelName)
-        for node in (pseudoHealthy, anomalyMap, anomalies):
-            self.assertTrue(node and slicer.mrmlScene.IsNodePresent(node))
-        self.assertEqual(anomalyMap.GetImageData().GetDimensions(), inputVolume.GetImageData().GetDimensions())
-        inputMatrix, anomalyMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        self.delayDisplay("Running the default model on the demo case")
+        inputVolume = self._loadDemo()
+        logic = NormativeAnomalyLogic()
+        handle = logic.startRun(inputVolume, logic.defaultModelName())
+        state = logic.waitForRun(handle, timeoutSeconds=1800)
+        self.assertEqual(state.returncode, 0, f"run failed: {state.message}")
+        nodes, live = logic.finishRun(handle)
+        self.assertFalse(os.path.exists(handle.workDir))
+
+        inputMatrix = vtk.vtkMatrix4x4()
         inputVolume.GetIJKToRASMatrix(inputMatrix)
-        anomalyMap.GetIJKToRASMatrix(anomalyMatrix)
-        numpy.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(anomalyMatrix),
+        for volume in (nodes.pseudo_healthy, nodes.anomaly_map):
+            self.assertTrue(slicer.mrmlScene.IsNodePresent(volume))
+            self.assertEqual(volume.GetImageData().GetDimensions(), inputVolume.GetImageData().GetDimensions())
+            matrix = vtk.vtkMatrix4x4()
+            volume.GetIJKToRASMatrix(matrix)
+            numpy.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(matrix),
+                                          slicer.util.arrayFromVTKMatrix(inputMatrix), atol=1e-4)
+        self.assertTrue(slicer.mrmlScene.IsNodePresent(nodes.segmentation))
+        labelmap = slicer.vtkOrientedImageData()
+        nodes.segmentation.GetBinaryLabelmapRepresentation(SEGMENT_ID, labelmap)
+        matrix = vtk.vtkMatrix4x4()
+        labelmap.GetImageToWorldMatrix(matrix)
+        numpy.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(matrix),
                                       slicer.util.arrayFromVTKMatrix(inputMatrix), atol=1e-4)
+
+        def voxels() -> int:
+            return int(numpy.count_nonzero(
+                slicer.util.arrayFromSegmentBinaryLabelmap(nodes.segmentation, SEGMENT_ID, inputVolume)))
+
+        self.delayDisplay("Moving the threshold")
+        if not live.current.lesions:  # make sure there is something to reject below
+            live.update(threshold=live.threshold_for_fpr(0.05))
+        base, baseThreshold = voxels(), nodes.threshold
+        live.update(threshold=baseThreshold * 1.5)
+        self.assertLessEqual(voxels(), base)
+        live.update(threshold=baseThreshold)
+        self.assertEqual(voxels(), base)
+        self.assertEqual(nodes.lesion_table.GetNumberOfRows(), len(live.current.lesions))
+        self.assertGreater(len(live.current.lesions), 0, "no lesion found in the demo case")
+
+        self.delayDisplay("Rejecting the first lesion")
+        live.set_rejected(live.current.lesions[0].id, True)
+        self.assertLess(voxels(), base)
+        self.assertEqual(nodes.lesion_table.GetNumberOfRows(), len(live.current.lesions))
+
+        self.delayDisplay("Exporting")
+        folder = tempfile.mkdtemp(prefix="NormativeAnomalyTest-", dir=slicer.app.temporaryPath)
+        try:
+            paths = export_result(nodes, folder)
+            self.assertEqual(sorted(path.name for path in paths), sorted(EXPORT_FILES))
+            self.assertTrue(all(path.is_file() for path in paths))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.delayDisplay("Test passed")
+
+    def test_Panel(self):
+        """The panel's controls drive the result: threshold slider (after its throttle delay), table row
+        selection (centres the views), Reject button, export button."""
+        import time
+        from NormativeAnomalyLib.mrml.export import EXPORT_FILES
+        from NormativeAnomalyLib.mrml.result_nodes import SEGMENT_ID
+
+        inputVolume = self._loadDemo()
+        slicer.util.selectModule("NormativeAnomaly")
+        widget = slicer.util.getModuleWidget("NormativeAnomaly")
+        logic = widget.logic
+        handle = logic.startRun(inputVolume, logic.defaultModelName())
+        self.assertEqual(logic.waitForRun(handle, timeoutSeconds=1800).returncode, 0)
+        nodes, _live = logic.finishRun(handle)
+        logic.getParameterNode().activeResult = nodes.segmentation
+
+        def settle() -> None:  # longer than the sliders' throttle delay
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                slicer.app.processEvents()
+                time.sleep(0.02)
+
+        def voxels() -> int:
+            import numpy
+            return int(numpy.count_nonzero(
+                slicer.util.arrayFromSegmentBinaryLabelmap(nodes.segmentation, SEGMENT_ID, inputVolume)))
+
+        settle()
+        slider = widget.ui.thresholdSliderWidget
+        lower = round(0.6 * nodes.threshold, slider.decimals)
+        slider.value = lower
+        settle()
+        self.assertAlmostEqual(nodes.threshold, lower, places=slider.decimals)
+        rows = nodes.lesion_table.GetNumberOfRows()
+        self.assertGreater(rows, 0, "no lesion at a lowered threshold")
+        base = voxels()
+
+        self.delayDisplay("Selecting and rejecting the first lesion")
+        table = widget.ui.lesionTableView
+        table.selectRow(0)
+        settle()
+        redOffset = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetSliceOffset()
+        superior = nodes.lesion_table.GetTable().GetValueByName(0, "S").ToDouble()
+        self.assertAlmostEqual(redOffset, superior, delta=2.0)  # the slice snaps to the volume's planes
+        widget.ui.rejectLesionButton.click()
+        settle()
+        self.assertLess(voxels(), base)
+
+        folder = tempfile.mkdtemp(prefix="NormativeAnomalyPanelTest-", dir=slicer.app.temporaryPath)
+        try:
+            widget.ui.exportDirectoryButton.directory = folder
+            widget.ui.exportButton.click()
+            self.assertEqual(sorted(os.listdir(folder)), sorted(EXPORT_FILES))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.delayDisplay("Test passed")
+
+    def test_Cancel(self):
+        """Cancel right after the start: the child stops, the temporary folder goes, the scene is unchanged."""
+        inputVolume = self._loadDemo()
+        logic = NormativeAnomalyLogic()
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        handle = logic.startRun(inputVolume, logic.defaultModelName())
+        logic.cancelRun(handle)
+        self.assertIsNotNone(handle.run.process.poll())
+        self.assertFalse(os.path.exists(handle.workDir))
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
         self.delayDisplay("Test passed")

@@ -17,9 +17,14 @@ def _cmake_list(name: str) -> list[str]:
     return [line.strip() for line in block.splitlines() if line.strip()]
 
 
+def _module_python_files() -> list[Path]:
+    return [p for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts]
+
+
 def test_every_python_file_of_the_module_is_listed_in_cmake():
     listed = set(_cmake_list("MODULE_PYTHON_SCRIPTS"))
-    on_disk = {"${MODULE_NAME}.py"} | {str(p.relative_to(MODULE)) for p in (MODULE / "NormativeAnomalyLib").rglob("*.py")}
+    on_disk = {str(p.relative_to(MODULE)).replace("NormativeAnomaly.py", "${MODULE_NAME}.py", 1)
+               if p.parent == MODULE else str(p.relative_to(MODULE)) for p in _module_python_files()}
     assert on_disk == listed, f"missing: {sorted(on_disk - listed)}, stale: {sorted(listed - on_disk)}"
 
 
@@ -34,15 +39,68 @@ def test_module_file_defines_the_slicer_classes():
     assert {"NormativeAnomaly", "NormativeAnomalyWidget", "NormativeAnomalyLogic", "NormativeAnomalyTest"} <= classes
 
 
-def test_ui_file_is_valid_and_has_the_bound_widgets():
+def _ui_widgets() -> dict[str, dict[str, str]]:
+    """objectName -> {"class": ..., "SlicerParameterName": ...} of every widget in the .ui."""
     document = xml.dom.minidom.parse(str(MODULE / "Resources" / "UI" / "NormativeAnomaly.ui"))
-    names = {w.getAttribute("name") for w in document.getElementsByTagName("widget")}
-    assert {"inputVolumeSelector", "modelSelector", "applyButton"} <= names
+    widgets = {}
+    for widget in document.getElementsByTagName("widget"):
+        entry = {"class": widget.getAttribute("class")}
+        for prop in widget.getElementsByTagName("property"):
+            if prop.parentNode is widget and prop.getAttribute("name") == "SlicerParameterName":
+                entry["SlicerParameterName"] = prop.getElementsByTagName("string")[0].firstChild.data
+        widgets[widget.getAttribute("name")] = entry
+    return widgets
 
 
-def test_core_library_imports_no_slicer_or_qt():
+def test_every_widget_the_module_code_uses_is_in_the_ui():
+    names = set(_ui_widgets())
+    used = set()
+    for path in _module_python_files():
+        if "NormativeAnomalyLib" not in path.parts:
+            used |= set(re.findall(r"\bself\.ui\.(\w+)", path.read_text()))
+    assert {"inputVolumeSelector", "modelSelector", "applyButton", "cancelButton", "thresholdSliderWidget"} <= names
+    assert used, "the widget code uses no .ui widget"
+    assert used <= names, f"used by the code but not in the .ui: {sorted(used - names)}"
+
+
+def test_every_bound_widget_has_a_parameter_node_field():
+    tree = ast.parse((MODULE / "NormativeAnomaly.py").read_text())
+    wrapper = next(node for node in tree.body if isinstance(node, ast.ClassDef)
+                   and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list))
+    fields = {node.target.id for node in wrapper.body if isinstance(node, ast.AnnAssign)}
+    bound = {entry["SlicerParameterName"] for entry in _ui_widgets().values() if "SlicerParameterName" in entry}
+    assert {"inputVolume", "threshold", "minLesionMm3"} <= bound
+    assert bound <= fields, f"bound in the .ui but not in {wrapper.name}: {sorted(bound - fields)}"
+
+
+def _imported_modules(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.append(node.module or "")
+    return [name.split(".")[0] for name in names]
+
+
+def test_core_imports_no_slicer_and_the_mrml_layer_no_qt():
     for path in (MODULE / "NormativeAnomalyLib").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-                assert not any(n.split(".")[0] in {"slicer", "qt", "ctk", "vtk"} for n in names), (path, names)
+        imported = set(_imported_modules(path))
+        forbidden = {"qt", "ctk", "slicer", "vtk", "vtkmodules"} if "mrml" not in path.parts else {"qt", "ctk"}
+        assert not imported & forbidden, (path, sorted(imported & forbidden))
+
+
+def test_what_slicer_imports_pulls_in_neither_torch_nor_monai():
+    """Slicer's process lists models and loads results; torch and MONAI live in the CLI's process."""
+    import subprocess
+    import sys
+
+    code = ("import sys, NormativeAnomalyLib.mrml, NormativeAnomalyLib.mrml.display, NormativeAnomalyLib.mrml.export, "
+            "NormativeAnomalyLib.background, NormativeAnomalyLib.run_outputs, NormativeAnomalyLib.models; "
+            "from NormativeAnomalyLib.models import available_models, read_card; "
+            "[read_card(m['path']) for m in available_models()]; "
+            "print(sorted(m for m in ('torch', 'monai', 'safetensors') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=MODULE,
+                            env={**__import__("os").environ, "PYTHONPATH": str(MODULE)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

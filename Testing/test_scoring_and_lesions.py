@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from NormativeAnomalyLib.lesions import segment_anomalies
+from NormativeAnomalyLib.lesions import LesionSegmenter, segment_anomalies
 from NormativeAnomalyLib.scoring import Calibration, anomaly_map, residual, scoring_mask
 
 
@@ -79,3 +79,39 @@ def test_lesion_centroid_is_in_ras():
     lesion = segment_anomalies(image, 1.0, 0.0).lesions[0]
     lps = image.TransformContinuousIndexToPhysicalPoint((7.0, 7.0, 7.0))  # (x, y, z) index of the big blob's centre
     assert lesion.centroid_ras == pytest.approx((-lps[0], -lps[1], lps[2]), abs=0.01)
+
+
+def test_interactive_segmenter_agrees_with_one_shot_segmentation_in_any_order():
+    """The slider path (cached labelling, lesion box only) gives the one-shot result at every step."""
+    rng = np.random.default_rng(3)
+    image = _map_with_blobs()
+    noisy = sitk.GetArrayFromImage(image) + rng.random((30, 40, 50), dtype=np.float32) * 1.2
+    noisy[:, :, :3] = 0.0  # scores are zero outside the scoring mask
+    map_image = sitk.GetImageFromArray(noisy)
+    map_image.CopyInformation(image)
+    segmenter = LesionSegmenter(map_image)
+    steps = [(1.0, 0.0), (1.0, 30.0), (1.9, 30.0), (0.5, 0.0), (1.9, 0.0), (1.0, 30.0), (-1.0, 0.0), (9.0, 0.0)]
+    for threshold, min_mm3 in steps:
+        interactive = segmenter.segment(threshold, min_mm3)
+        fresh = segment_anomalies(map_image, threshold, min_mm3)
+        np.testing.assert_array_equal(interactive.labels, fresh.labels)
+        assert interactive.lesions == fresh.lesions
+        expected_voxels = int((noisy > threshold).sum()) if min_mm3 == 0 else None
+        if expected_voxels is not None:
+            assert interactive.mask.sum() == expected_voxels
+    assert segmenter.segment(-1.0).mask.all()  # below zero, voxels outside the mask count too
+    assert segmenter.segment(9.0).lesions == [] and not segmenter.segment(9.0).mask.any()
+
+
+def test_rejected_lesion_is_listed_but_left_out_of_the_mask():
+    image = _map_with_blobs()
+    segmenter = LesionSegmenter(image)
+    everything = segmenter.segment(1.0)
+    small = everything.lesions[1]
+    assert small.peak_ijk == (40, 30, 20)  # (i, j, k) of the 8-voxel blob's first highest voxel
+    rejected = segmenter.segment(1.0, 0.0, [small.peak_ijk])
+    assert [l.rejected for l in rejected.lesions] == [False, True, False]
+    assert rejected.mask.sum() == everything.mask.sum() - small.voxels
+    assert [l.id for l in rejected.kept] == [1, 3]
+    # A seed outside every lesion (here: below a higher threshold) rejects nothing.
+    assert not any(l.rejected for l in segmenter.segment(1.8, 0.0, [small.peak_ijk]).lesions)

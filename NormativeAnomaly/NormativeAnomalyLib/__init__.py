@@ -5,7 +5,9 @@ One module per pipeline stage (see docs/architecture.md):
 ``model_space`` masking/normalisation/resampling, ``inference`` the network pass,
 ``scoring`` anomaly maps and calibrated thresholds, ``lesions`` thresholding and the
 lesion table, ``outputs`` writing results, ``pipeline`` the orchestration, ``cli`` the
-command-line tool. Nothing here imports Slicer or Qt.
+command-line tool, ``background`` the CLI as a child process for GUIs. Nothing here imports
+Slicer or Qt, except ``mrml/``: results as MRML nodes and live thresholds, which needs MRML
+only (3D Slicer or the ``slicer-core`` package), never Qt.
 """
 
 __version__ = "0.1.0"

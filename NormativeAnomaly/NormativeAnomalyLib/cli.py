@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--overwrite", action="store_true", help="replace outputs in a non-empty --out")
         command.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
         command.add_argument("--quiet", action="store_true", help="no progress bars")
+        command.add_argument("--progress-lines", action="store_true",
+                             help="machine-readable progress lines on stdout (for the Slicer and web front ends)")
 
     run = commands.add_parser("run", help="detect anomalies in one volume")
     run.add_argument("input", type=Path, help="volume file (NIfTI, NRRD, MHA...) or DICOM series folder")
@@ -55,12 +59,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class _Progress:
-    """One tqdm bar per pipeline stage, on stderr."""
+    """One tqdm bar per pipeline stage on stderr, or progress lines on stdout."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled, self.stage, self.bar = enabled, None, None
+    def __init__(self, enabled: bool, lines: bool = False) -> None:
+        self.enabled, self.lines, self.stage, self.bar = enabled, lines, None, None
 
     def __call__(self, stage: str, fraction: float) -> None:
+        if self.lines:
+            from .progress import progress_line
+
+            print(progress_line(stage, fraction), flush=True)
+            return
         if not self.enabled:
             return
         from tqdm import tqdm
@@ -97,18 +106,21 @@ def _run(args: argparse.Namespace, input_path: Path, extra: dict[str, Any]) -> d
     options = RunOptions(device=args.device, registered=getattr(args, "registered", False), brain_mask=mask,
                          threshold=args.threshold, fpr=args.fpr, min_lesion_mm3=args.min_lesion_mm3,
                          bias_correction=args.n4, batch_size=args.batch_size)
-    progress = _Progress(enabled=not (args.quiet or args.json))
+    progress = _Progress(enabled=not (args.quiet or args.json), lines=args.progress_lines)
     try:
-        result = detect_anomalies(image, package, options, Monitor(progress=progress))
+        result = detect_anomalies(image, package, options, Monitor(progress=progress, cancel=_cancel_requested.is_set))
     finally:
         progress.close()
+    progress("writing", 0.0)
     settings = {"input": str(input_path), "model": args.model or package.name, "device": args.device,
                 "registered": options.registered, "mask": str(args.mask) if getattr(args, "mask", None) else None,
                 "threshold": args.threshold, "fpr": args.fpr, "min_lesion_mm3": args.min_lesion_mm3,
                 "n4": bool(args.n4), "batch_size": args.batch_size}
     if "truth" in extra:
         extra = {"demo_dice": _dice(result.segmentation.mask, extra.pop("truth"))} | extra
-    return write_outputs(result, args.out, settings, overwrite=args.overwrite, extra_summary=extra)
+    summary = write_outputs(result, args.out, settings, overwrite=args.overwrite, extra_summary=extra)
+    progress("writing", 1.0)
+    return summary
 
 
 def _dice(predicted, truth_path: Path) -> float | None:
@@ -155,8 +167,32 @@ def _print_summary(summary: dict[str, Any], out: Path, as_json: bool) -> None:
     print(f"outputs in {out}/: {', '.join(summary['outputs'])}")
 
 
+_cancel_requested = threading.Event()
+
+
+def _request_cancel(signum, frame) -> None:
+    """SIGTERM (a front end's Cancel) or Ctrl-C: stop at the next check point (between registration
+    iterations, inference batches, stages), so that nothing half-written is left. A second signal
+    stops at once."""
+    if _cancel_requested.is_set():
+        raise KeyboardInterrupt
+    _cancel_requested.set()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _cancel_requested.clear()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = [signal.signal(number, _request_cancel) for number in signals] if in_main_thread else []
+    try:
+        return _main(args)
+    finally:
+        for number, handler in zip(signals, previous):
+            signal.signal(number, handler)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "models":
             return _models(args)

@@ -74,10 +74,12 @@ def resolve_threshold(package: ModelPackage, options: RunOptions) -> tuple[float
 
 
 @contextmanager
-def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+def _timed(seconds: dict[str, float], stage: str, monitor: Monitor) -> Iterator[None]:
+    monitor.report(stage, 0.0)
     start = time.perf_counter()
     yield
     seconds[stage] = round(time.perf_counter() - start, 3)
+    monitor.report(stage, 1.0)
 
 
 def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptions | None = None,
@@ -92,27 +94,27 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
     min_lesion_mm3 = card["scoring"]["min_lesion_mm3"] if options.min_lesion_mm3 is None else options.min_lesion_mm3
 
     monitor.check()
-    with _timed(seconds, "registration"):
+    with _timed(seconds, "registration", monitor):
         if options.registered:
             registration = identity_registration()
         else:
             registration = register_to_template(image, template.image, card["preprocessing"]["registration"], monitor)
     monitor.check()
-    with _timed(seconds, "model_space"):
+    with _timed(seconds, "model_space", monitor):
         bias = card["preprocessing"]["bias_correction"] if options.bias_correction is None else options.bias_correction
         model_input = prepare_model_input(image, template, registration, card["preprocessing"]["normalisation"],
                                           options.brain_mask, bias)
     monitor.check()
-    with _timed(seconds, "inference"):
+    with _timed(seconds, "inference", monitor):
         reconstruction = reconstruct(package, model_input.image, model_input.brain_mask, device, monitor,
                                      options.batch_size)
     monitor.check()
-    with _timed(seconds, "scoring"):
+    with _timed(seconds, "scoring", monitor):
         spacing_zyx = tuple(reversed(template.image.GetSpacing()))
         scores = score_anomalies(model_input.image, reconstruction, model_input.brain_mask, spacing_zyx,
                                  card["scoring"])
     monitor.check()
-    with _timed(seconds, "to_input_grid"):
+    with _timed(seconds, "to_input_grid", monitor):
         anomaly_map = to_input_grid(scores, template, registration, image)
         brain_on_input = to_input_grid(model_input.brain_mask.astype(np.float32), template, registration, image,
                                        sitk.sitkNearestNeighbor)
@@ -120,7 +122,7 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
                                                   brain_on_input)
         brain_on_input = sitk.Cast(brain_on_input > 0.5, sitk.sitkUInt8)
     monitor.check()
-    with _timed(seconds, "segmentation"):
+    with _timed(seconds, "segmentation", monitor):
         segmentation = segment_anomalies(anomaly_map, threshold, min_lesion_mm3)
     monitor.report("done", 1.0)
     seconds["total"] = round(sum(seconds.values()), 3)

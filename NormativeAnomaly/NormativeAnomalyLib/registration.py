@@ -98,11 +98,20 @@ def _run_stage(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, *
         level = method.GetCurrentLevel()
         monitor.report("registration", span[0] + (span[1] - span[0]) * level / levels)
 
+    def on_iteration() -> None:
+        # An exception cannot cross SimpleITK's callback (it would come back as a RuntimeError):
+        # ask the optimiser to stop instead, and raise Cancelled once Execute has returned.
+        if monitor.cancelled():
+            method.Abort()
+
     method.AddCommand(sitk.sitkMultiResolutionIterationEvent, on_level)
+    method.AddCommand(sitk.sitkIterationEvent, on_iteration)
     try:
         result = method.Execute(fixed, moving)
     except RuntimeError as error:
+        monitor.check()
         raise RegistrationError(f"registration to the template failed: {str(error).splitlines()[-1]}") from None
+    monitor.check()
     # Execute returns a composite of (initial, optimised); flatten to the optimised transform.
     if isinstance(result, sitk.CompositeTransform) or result.GetName() == "CompositeTransform":
         result = sitk.CompositeTransform(result).GetNthTransform(0)

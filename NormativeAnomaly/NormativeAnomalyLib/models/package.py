@@ -13,18 +13,14 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
-
-import jsonschema
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelPackageError
 from ..scoring import Calibration
 from ..templates import Template, load_template, sha256_of
-from .networks import build_network
+
+if TYPE_CHECKING:  # torch is imported only to load weights: listing models (Slicer's process) needs none
+    import torch
 
 CARD_FILE = "model.json"
 MAX_CARD_BYTES = 1 << 20
@@ -60,6 +56,8 @@ class ModelPackage:
         """The network with its weights, in eval mode (``None`` for the intensity baseline)."""
         if self.card["network"] is None:
             return None
+        from .networks import build_network
+
         network = build_network(self.card["network"])
         try:
             network.load_state_dict(self.state_dict, strict=True)
@@ -71,6 +69,8 @@ class ModelPackage:
 
 def validate_card(card: Any, source: str = "card") -> dict[str, Any]:
     """Schema and consistency checks; raises ModelPackageError with the first problem."""
+    import jsonschema  # here, not at module level: Slicer's process lists models without it
+
     validator = jsonschema.Draft202012Validator(_card_schema())
     # best_match descends into oneOf alternatives, so the message names the offending field.
     error = jsonschema.exceptions.best_match(validator.iter_errors(card))
@@ -89,7 +89,8 @@ def validate_card(card: Any, source: str = "card") -> dict[str, Any]:
     return card
 
 
-def load_package(path: str | os.PathLike) -> ModelPackage:
+def read_card(path: str | os.PathLike) -> dict[str, Any]:
+    """A package's validated card, without loading its weights (and without torch)."""
     path = Path(path)
     card_path = path / CARD_FILE
     if not card_path.is_file():
@@ -100,7 +101,12 @@ def load_package(path: str | os.PathLike) -> ModelPackage:
         card = json.loads(card_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ModelPackageError(f"{card_path} is not valid JSON: {error}") from None
-    card = validate_card(card, str(card_path))
+    return validate_card(card, str(card_path))
+
+
+def load_package(path: str | os.PathLike) -> ModelPackage:
+    path = Path(path)
+    card = read_card(path)
     template = load_template(card["template"]["name"])
     grid = card["grid"]
     if list(template.image.GetSize()) != grid["size"] or any(
@@ -117,6 +123,9 @@ def _load_weights(package: Path, card: dict[str, Any]) -> dict[str, torch.Tensor
         raise ModelPackageError(f"model '{card['name']}': weights file {weights_path.name} is missing")
     if weights_path.stat().st_size > MAX_WEIGHTS_BYTES:
         raise ModelPackageError(f"model '{card['name']}': weights file is larger than {MAX_WEIGHTS_BYTES >> 30} GB")
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
     blob = weights_path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != card["weights"]["sha256"]:
         raise ModelPackageError(
@@ -138,6 +147,8 @@ def write_package(path: str | os.PathLike, card: dict[str, Any], state_dict: dic
     path.mkdir(parents=True, exist_ok=True)
     card = dict(card)
     if state_dict is not None:
+        from safetensors.torch import save as save_safetensors
+
         weights_file = "weights.safetensors"
         tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
         (path / weights_file).write_bytes(save_safetensors(tensors))

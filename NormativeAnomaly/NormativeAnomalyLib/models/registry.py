@@ -33,6 +33,27 @@ def available_models(root: Path | None = None) -> list[dict[str, Any]]:
     ]
 
 
+SUMMARY_FIELDS = ("version", "family", "modality", "dims", "description", "license")
+
+
+def model_summaries(root: Path | None = None) -> list[dict[str, Any]]:
+    """What a model selector shows: ``available_models`` entries plus the card's summary fields,
+    the default first. Cards are read as plain JSON, not validated (loading the package does
+    that), so listing needs neither torch nor jsonschema; an unreadable card gives ``error``."""
+    summaries = []
+    for entry in available_models(root):
+        summary = dict(entry)
+        try:
+            card = json.loads((entry["path"] / CARD_FILE).read_text(encoding="utf-8"))
+            summary.update({key: card.get(key, "") for key in SUMMARY_FIELDS})
+            summary["training_data"] = (card.get("training") or {}).get("data", "")
+            summary["template"] = (card.get("template") or {}).get("name", "")
+        except (OSError, ValueError, AttributeError) as error:
+            summary["error"] = f"cannot read the card of {entry['name']!r}: {error}"
+        summaries.append(summary)
+    return sorted(summaries, key=lambda summary: not summary["default"])
+
+
 def default_model_name(root: Path | None = None) -> str:
     return _registry(root)["default"]
 

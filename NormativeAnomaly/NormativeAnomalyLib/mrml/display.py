@@ -1,0 +1,80 @@
+"""How a result looks: colours, the anomaly-map overlay and its legend, slice-view layers.
+
+Works on whatever slice views the scene has (Slicer's, the web app's, or none).
+"""
+
+from __future__ import annotations
+
+from .result_nodes import ResultNodes
+
+# Slicer's Inferno table when the application loaded it; PET-Heat is built into MRML.
+ANOMALY_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLPETProceduralColorNodePET-Heat")
+# Voxels below the threshold that flags this fraction of healthy voxels are left transparent,
+# so the overlay shows where the scan departs from the norm, not healthy residual noise.
+OVERLAY_FLOOR_FPR = 0.1
+
+
+def style_result(nodes: ResultNodes, color_logic=None) -> None:
+    """Colours and windows of a new result; a colour legend when a colour logic is given."""
+    scene = nodes.segmentation.GetScene()
+    calibration = nodes.calibration
+    anomaly_display = nodes.anomaly_map.GetDisplayNode()
+    color_id = next((i for i in ANOMALY_COLOR_NODE_IDS if scene.GetNodeByID(i) is not None), None)
+    if color_id:
+        anomaly_display.SetAndObserveColorNodeID(color_id)
+    low = calibration.threshold_for_fpr(OVERLAY_FLOOR_FPR)
+    high = max(calibration.threshold_for_fpr(calibration.fpr[0]), low * 1.01 + 1e-6)
+    anomaly_display.SetAutoWindowLevel(False)
+    anomaly_display.SetWindowLevelMinMax(low, high)
+    anomaly_display.SetApplyThreshold(True)
+    anomaly_display.SetLowerThreshold(low)
+    anomaly_display.SetUpperThreshold(float("inf"))
+    # The reconstruction is shown with the input's window, so fading compares like with like.
+    input_display = nodes.input_volume.GetDisplayNode()
+    pseudo_display = nodes.pseudo_healthy.GetDisplayNode()
+    if input_display is not None:
+        pseudo_display.SetAutoWindowLevel(False)
+        pseudo_display.SetWindowLevel(input_display.GetWindow(), input_display.GetLevel())
+    segmentation_display = nodes.segmentation.GetDisplayNode()
+    segmentation_display.SetOpacity2DFill(0.25)
+    segmentation_display.SetOpacity2DOutline(1.0)
+    if color_logic is not None:
+        legend = color_logic.AddDefaultColorLegendDisplayNode(nodes.anomaly_map)
+        if legend is not None:
+            legend.SetTitleText("Anomaly score")
+
+
+def show_result(nodes: ResultNodes, overlay_opacity: float = 0.5, fade: float = 0.0) -> None:
+    """Input in the background of every slice view; in the foreground either the anomaly map
+    (``fade`` 0) or, to compare, the pseudo-healthy reconstruction at opacity ``fade``."""
+    scene = nodes.segmentation.GetScene()
+    foreground, opacity = ((nodes.pseudo_healthy, fade) if fade > 0 else (nodes.anomaly_map, overlay_opacity))
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+        was_modifying = composite.StartModify()
+        composite.SetBackgroundVolumeID(nodes.input_volume.GetID())
+        composite.SetForegroundVolumeID(foreground.GetID())
+        composite.SetForegroundOpacity(min(max(opacity, 0.0), 1.0))
+        composite.EndModify(was_modifying)
+    segmentation_display = nodes.segmentation.GetDisplayNode()
+    for result_segmentation in _result_segmentations(scene):
+        display = result_segmentation.GetDisplayNode()
+        if display is not None:
+            display.SetVisibility(result_segmentation is nodes.segmentation)
+    segmentation_display.SetVisibility(True)
+
+
+def centre_on(scene, ras: tuple[float, float, float]) -> None:
+    """Centre every slice view on a point (a lesion's centroid)."""
+    import slicer
+
+    slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *map(float, ras), slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+
+def _result_segmentations(scene):
+    from .result_nodes import RESULT_ATTRIBUTE
+
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
+        if node.GetAttribute(RESULT_ATTRIBUTE) == "1":
+            yield node

@@ -1,0 +1,62 @@
+"""What a front end needs to show a finished run, from memory or from an output folder.
+
+The Slicer module runs the CLI in a background process and reads its output folder; the
+web app may run the pipeline in-process. Both hand a ``RunOutputs`` to the MRML layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import SimpleITK as sitk
+
+from .errors import OutputError
+from .scoring import Calibration
+
+if TYPE_CHECKING:  # not imported at run time: the pipeline pulls in torch, which Slicer's process never loads
+    from .pipeline import AnomalyResult
+
+MODEL_FIELDS = ("name", "version", "family", "modality", "description", "license", "training_data")
+
+
+@dataclass
+class RunOutputs:
+    pseudo_healthy: sitk.Image  # on the input's grid
+    anomaly_map: sitk.Image  # on the input's grid
+    calibration: Calibration  # healthy false-positive rate <-> threshold
+    threshold: float
+    min_lesion_mm3: float
+    model: dict[str, Any]  # MODEL_FIELDS of the card
+
+    @classmethod
+    def from_result(cls, result: AnomalyResult) -> "RunOutputs":
+        card = result.model.card
+        model = {key: card.get(key, "") for key in MODEL_FIELDS} | {"training_data": card["training"].get("data", "")}
+        return cls(result.pseudo_healthy, result.anomaly_map, result.model.calibration,
+                   result.segmentation.threshold, result.segmentation.min_lesion_mm3, model)
+
+
+def read_run_folder(out_dir: str | os.PathLike) -> RunOutputs:
+    """Read the maps and settings that ``normative-anomaly run`` wrote into ``out_dir``."""
+    out_dir = Path(out_dir)
+    try:
+        summary = json.loads((out_dir / "run.json").read_text())
+        calibration = Calibration(tuple(summary["calibration"]["fpr"]), tuple(summary["calibration"]["threshold"]))
+        threshold, min_size = float(summary["threshold"]), float(summary["min_lesion_mm3"])
+        model = {key: summary["model"].get(key, "") for key in MODEL_FIELDS}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise OutputError(f"{out_dir} does not hold a complete run (run.json: {error})") from error
+    return RunOutputs(_read_map(out_dir / "pseudo_healthy.nii.gz"), _read_map(out_dir / "anomaly_map.nii.gz"),
+                      calibration, threshold, min_size, model)
+
+
+def _read_map(path: Path) -> sitk.Image:
+    # Our own output, so no input checks (an all-zero anomaly map is a valid result).
+    try:
+        return sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)
+    except RuntimeError as error:
+        raise OutputError(f"cannot read {path}: {str(error).strip().splitlines()[-1]}") from None

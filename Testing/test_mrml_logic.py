@@ -1,0 +1,454 @@
+"""The MRML layer on a real ``vtkMRMLScene`` (slicer-core): what the Slicer panel and web app do.
+
+The run itself goes through ``BackgroundRun`` (the CLI in a child process, as the Slicer
+module runs it); expected segmentations are recomputed here, independently, with scipy
+from the anomaly map the CLI wrote.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+slicer = pytest.importorskip("slicer")
+
+from NormativeAnomalyLib.background import BackgroundRun, run_command  # noqa: E402
+from NormativeAnomalyLib.errors import Cancelled, OutputError  # noqa: E402
+from NormativeAnomalyLib.models import default_model_name  # noqa: E402
+from NormativeAnomalyLib.mrml import LiveSegmentation, SegmentationFrozenError, find_results, load_run  # noqa: E402
+from NormativeAnomalyLib.mrml.display import centre_on, show_result  # noqa: E402
+from NormativeAnomalyLib.mrml.export import EXPORT_FILES, export_result  # noqa: E402
+from NormativeAnomalyLib.mrml.lesion_table import read_lesion_table  # noqa: E402
+from NormativeAnomalyLib.mrml.result_nodes import SEGMENT_ID, ResultNodes  # noqa: E402
+from NormativeAnomalyLib.mrml.scene import create_scene  # noqa: E402
+from NormativeAnomalyLib.mrml.volumes import ijk_to_ras  # noqa: E402
+from NormativeAnomalyLib.progress import Monitor  # noqa: E402
+from NormativeAnomalyLib.run_outputs import read_run_folder  # noqa: E402
+
+CONNECTIVITY = np.ones((3, 3, 3), bool)
+
+
+# --- the run, in a background process ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_paths, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mrml") / "out"
+    run = BackgroundRun(run_command(demo_paths[0], out, model=default_model_name()))
+    fractions = []
+    while (state := run.poll()).running:
+        fractions.append(state.fraction)
+        time.sleep(0.05)
+    state = run.poll()
+    assert state.returncode == 0, run.log()
+    assert state.fraction == 1.0
+    assert fractions == sorted(fractions), "progress went backwards"
+    assert len(set(fractions)) > 3, f"too few progress steps: {sorted(set(fractions))}"
+    return out
+
+
+@pytest.mark.parametrize("stage", ["registration", "inference", "to_input_grid"])
+def test_background_run_cancel_stops_the_child_and_leaves_no_output(demo_paths, tmp_path, stage):
+    out = tmp_path / "out"
+    run = BackgroundRun(run_command(demo_paths[0], out, model=default_model_name()))
+    deadline = time.monotonic() + 120
+    while run.poll().stage != stage and run.poll().running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert run.poll().running, f"the run ended before it reached {stage}"
+    state = run.cancel()
+    assert not state.running and state.returncode == 130, run.log()
+    assert "nothing was written" in state.message
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [], "a staging folder was left behind"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process groups and SIGTERM are POSIX")
+def test_cancel_reaches_the_interpreter_behind_a_launcher(demo_paths, tmp_path):
+    """Slicer's PythonSlicer is a launcher that does not forward signals: Cancel must still stop the CLI."""
+    out = tmp_path / "out"
+    launcher = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"]
+    run = BackgroundRun(launcher + run_command(demo_paths[0], out, model=default_model_name()))
+    deadline = time.monotonic() + 120
+    while run.poll().stage == "starting" and run.poll().running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run.poll().running
+    run.cancel()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(run.process.pid, 0)  # nothing is left in the run's process group
+    assert "nothing was written" in run.log()  # the CLI itself unwound
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_background_run_reports_the_cli_error_in_one_line(tmp_path):
+    bad = tmp_path / "not_an_image.nii.gz"
+    bad.write_bytes(b"this is not a NIfTI file")
+    state = BackgroundRun(run_command(bad, tmp_path / "out")).wait(120)
+    assert state.returncode == 1
+    assert state.message.startswith("normative-anomaly: error:") and "not_an_image" in state.message
+    assert not (tmp_path / "out").exists()
+
+
+# --- a scene with the input, as Slicer loads it ---------------------------------------------
+
+
+def load_input(standalone, path: Path, name: str = "demo_t1"):
+    node = standalone.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = standalone.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node) == 1
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    node.CreateDefaultDisplayNodes()
+    # Slicer's subject-hierarchy plugins give every loaded node an item; bare MRML does not.
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(standalone.scene)
+    sh.CreateItem(sh.GetSceneItemID(), node)
+    return node
+
+
+@pytest.fixture
+def scene_with_result(demo_run, demo_paths):
+    standalone = create_scene()
+    input_volume = load_input(standalone, demo_paths[0])
+    nodes, live = load_run(standalone.scene, input_volume, read_run_folder(demo_run),
+                           color_logic=standalone.color_logic)
+    return standalone, nodes, live
+
+
+@pytest.fixture(scope="module")
+def scores(demo_run) -> tuple[np.ndarray, float]:
+    image = sitk.ReadImage(str(demo_run / "anomaly_map.nii.gz"))
+    return sitk.GetArrayFromImage(image), float(np.prod(image.GetSpacing()))
+
+
+def expected_mask(scores, threshold: float, min_mm3: float) -> np.ndarray:
+    values, voxel_mm3 = scores
+    components, count = ndimage.label(values > threshold, structure=CONNECTIVITY)
+    sizes = np.bincount(components.ravel(), minlength=count + 1)
+    keep = np.flatnonzero(sizes * voxel_mm3 >= max(min_mm3, 1e-9))
+    return np.isin(components, keep[keep > 0])
+
+
+def segment_on_input_grid(nodes: ResultNodes) -> np.ndarray:
+    """The segment as Slicer's Segmentations module exports it onto the input volume: (z, y, x) bool."""
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+
+    scene = nodes.segmentation.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__export__")
+    try:
+        ids = __import__("vtk").vtkStringArray()
+        ids.InsertNextValue(SEGMENT_ID)
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            nodes.segmentation, ids, labelmap, nodes.input_volume)
+        x, y, z = labelmap.GetImageData().GetDimensions()
+        assert np.allclose(ijk_to_ras(labelmap), ijk_to_ras(nodes.input_volume), atol=1e-6)
+        return vtk_to_numpy(labelmap.GetImageData().GetPointData().GetScalars()).reshape(z, y, x) > 0
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def threshold_settings(nodes: ResultNodes) -> list[float]:
+    calibration = nodes.calibration
+    return [calibration.threshold_for_fpr(f) for f in (0.3, 0.05, 0.01, 0.002, 1e-4)] + [1e6]
+
+
+# --- geometry, thresholds, table ------------------------------------------------------------
+
+
+def test_outputs_have_the_input_geometry_and_sit_beside_it(scene_with_result):
+    standalone, nodes, _ = scene_with_result
+    reference = ijk_to_ras(nodes.input_volume)
+    for node in (nodes.anomaly_map, nodes.pseudo_healthy):
+        assert np.array_equal(ijk_to_ras(node), reference)
+        assert node.GetImageData().GetDimensions() == nodes.input_volume.GetImageData().GetDimensions()
+    labelmap = slicer.vtkOrientedImageData()
+    nodes.segmentation.GetBinaryLabelmapRepresentation(SEGMENT_ID, labelmap)
+    matrix = __import__("vtk").vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(matrix)
+    assert np.allclose(slicer.util.arrayFromVTKMatrix(matrix), reference, atol=1e-9)
+    # Names and subject hierarchy: named after input and model, under the input's parent.
+    model = default_model_name()
+    assert nodes.anomaly_map.GetName() == f"demo_t1 anomaly map ({model})"
+    assert nodes.segmentation.GetName() == f"demo_t1 anomalies ({model})"
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(standalone.scene)
+    parent = sh.GetItemParent(sh.GetItemByDataNode(nodes.input_volume))
+    for node in nodes.nodes():
+        assert sh.GetItemParent(sh.GetItemByDataNode(node)) == parent
+
+
+def test_outputs_follow_a_study_and_a_parent_transform(demo_run, demo_paths):
+    standalone = create_scene(slice_views=False)
+    scene = standalone.scene
+    input_volume = load_input(standalone, demo_paths[0])
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient")
+    study = sh.CreateStudyItem(patient, "Study")
+    sh.SetItemParent(sh.GetItemByDataNode(input_volume), study)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    input_volume.SetAndObserveTransformNodeID(transform.GetID())
+    nodes, _ = load_run(scene, input_volume, read_run_folder(demo_run))
+    for node in nodes.nodes()[:3]:
+        assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
+    for node in (nodes.anomaly_map, nodes.pseudo_healthy, nodes.segmentation):
+        assert node.GetTransformNodeID() == transform.GetID()
+
+
+def test_segment_is_the_thresholded_map_at_every_slider_setting(scene_with_result, scores):
+    _, nodes, live = scene_with_result
+    seen = set()
+    thresholds = threshold_settings(nodes)
+    # Up, down and back again: a stale voxel from a previous setting would show.
+    for threshold in thresholds + thresholds[::-1][1:]:
+        for min_mm3 in (0.0, 50.0, 500.0):
+            segmentation = live.update(threshold, min_mm3)
+            expected = expected_mask(scores, threshold, min_mm3)
+            actual = segment_on_input_grid(nodes)
+            assert actual.sum() == expected.sum(), (threshold, min_mm3)
+            assert np.array_equal(actual, expected), (threshold, min_mm3)
+            assert np.array_equal(segmentation.mask, expected)
+            seen.add(int(expected.sum()))
+    assert len(seen) > 5 and 0 in seen, f"the settings did not exercise the range: {sorted(seen)}"
+    assert nodes.threshold == thresholds[0] and nodes.min_lesion_mm3 == 500.0
+
+
+def test_threshold_then_size_equals_size_then_threshold(scene_with_result):
+    _, nodes, live = scene_with_result
+    low, high = nodes.calibration.threshold_for_fpr(0.05), nodes.calibration.threshold_for_fpr(0.01)
+    live.update(high, 0.0)
+    live.update(low)
+    first = (segment_on_input_grid(nodes), read_lesion_table(nodes.lesion_table))
+    live.update(high, 0.0)
+    live.update(min_lesion_mm3=100.0)
+    live.update(low)
+    live.update(high, 0.0)
+    live.update(min_lesion_mm3=100.0)
+    live.update(threshold=low)
+    second = (segment_on_input_grid(nodes), read_lesion_table(nodes.lesion_table))
+    live.update(low, 0.0)
+    live.update(min_lesion_mm3=100.0)
+    third = (segment_on_input_grid(nodes), read_lesion_table(nodes.lesion_table))
+    assert np.array_equal(second[0], third[0]) and second[1] == third[1]
+    assert first[0].sum() > second[0].sum() > 0  # the size filter removed something, not everything
+
+
+def test_lesion_table_lists_the_connected_components(scene_with_result, scores):
+    standalone, nodes, live = scene_with_result
+    values, voxel_mm3 = scores
+    threshold = nodes.calibration.threshold_for_fpr(0.02)
+    live.update(threshold, 20.0)
+    rows = read_lesion_table(nodes.lesion_table)
+    components, count = ndimage.label(expected_mask(scores, threshold, 20.0), structure=CONNECTIVITY)
+    assert len(rows) == count > 1
+    sizes = np.bincount(components.ravel())[1:]
+    assert [row["ID"] for row in rows] == list(range(1, count + 1))
+    assert sorted((round(r["Volume"], 4) for r in rows), reverse=True) == [r["Volume"] for r in rows]
+    by_volume = sorted(range(count), key=lambda c: -sizes[c])
+    input_image = sitk.ReadImage(str(Path(live.nodes.input_volume.GetStorageNode().GetFileName())))
+    for row, component in zip(rows, by_volume):
+        inside = components == component + 1
+        assert row["Volume"] == pytest.approx(sizes[component] * voxel_mm3 / 1000, abs=1e-4)
+        assert row["Max score"] == pytest.approx(values[inside].max(), abs=1e-5)
+        assert row["Mean score"] == pytest.approx(values[inside].mean(), abs=1e-5)
+        z, y, x = (float(np.mean(axis)) for axis in np.nonzero(inside))
+        lps = input_image.TransformContinuousIndexToPhysicalPoint((x, y, z))
+        assert (row["R"], row["A"], row["S"]) == pytest.approx((-lps[0], -lps[1], lps[2]), abs=0.01)
+        assert row["Status"] == "kept"
+    # A row centres the slice views on its lesion.
+    centre_on(standalone.scene, (rows[1]["R"], rows[1]["A"], rows[1]["S"]))
+    red = standalone.slice_node("Red").GetSliceToRAS()
+    assert red.GetElement(2, 3) == pytest.approx(rows[1]["S"], abs=1e-6)
+
+
+def test_rejected_lesion_leaves_the_segment_and_stays_rejected(scene_with_result, scores):
+    _, nodes, live = scene_with_result
+    threshold = nodes.calibration.threshold_for_fpr(0.01)
+    segmentation = live.update(threshold, 0.0)
+    total, first = int(segmentation.mask.sum()), segmentation.lesions[0]
+    segmentation = live.set_rejected(first.id)
+    assert segmentation.mask.sum() == total - first.voxels == segment_on_input_grid(nodes).sum()
+    assert read_lesion_table(nodes.lesion_table)[0]["Status"] == "rejected"
+    # A slightly lower threshold grows the lesion; it is still the rejected one.
+    lower = live.update(nodes.calibration.threshold_for_fpr(0.012))
+    rejected = [lesion for lesion in lower.lesions if lesion.rejected]
+    assert len(rejected) == 1 and rejected[0].voxels >= first.voxels
+    assert segment_on_input_grid(nodes).sum() == lower.mask.sum() == sum(l.voxels for l in lower.kept)
+    restored = live.set_rejected(rejected[0].id, False)
+    assert not any(lesion.rejected for lesion in restored.lesions)
+    assert np.array_equal(segment_on_input_grid(nodes), expected_mask(scores, nodes.threshold, 0.0))
+
+
+def test_manual_editing_freezes_the_sliders_until_reset(scene_with_result):
+    _, nodes, live = scene_with_result
+    live.freeze()
+    before = segment_on_input_grid(nodes)
+    with pytest.raises(SegmentationFrozenError, match="manual editing"):
+        live.update(nodes.calibration.threshold_for_fpr(0.2))
+    assert np.array_equal(segment_on_input_grid(nodes), before)
+    live.reset()
+    assert not nodes.frozen
+
+
+# --- all or nothing -------------------------------------------------------------------------
+
+
+class CancelAfter:
+    def __init__(self, checks: int) -> None:
+        self.left = checks
+
+    def __call__(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+
+def scene_state(scene) -> tuple:
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    children = __import__("vtk").vtkIdList()
+    sh.GetItemChildren(sh.GetSceneItemID(), children, True)
+    ids = sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+    return tuple(ids), children.GetNumberOfIds()
+
+
+def test_cancel_while_adding_leaves_the_scene_as_it_was(demo_run, demo_paths):
+    standalone = create_scene()
+    scene = standalone.scene
+    input_volume = load_input(standalone, demo_paths[0])
+    outputs = read_run_folder(demo_run)
+    before = scene_state(scene)
+    cancelled_at = []
+    for checks in range(12):
+        try:
+            load_run(scene, input_volume, outputs, Monitor(cancel=CancelAfter(checks)), standalone.color_logic)
+        except Cancelled:
+            cancelled_at.append(checks)
+            assert scene_state(scene) == before, f"nodes left behind after a cancel at check {checks}"
+            continue
+        break  # this many checks let it finish
+    assert len(cancelled_at) >= 5, "the cancel points were not exercised"
+    assert len(find_results(scene, input_volume)) == 1  # the run that was not cancelled
+
+
+def test_a_result_on_another_grid_is_refused_without_leaving_nodes(demo_run, real_t1_head_path):
+    standalone = create_scene(slice_views=False)
+    other = load_input(standalone, real_t1_head_path, "other head")
+    before = scene_state(standalone.scene)
+    with pytest.raises(OutputError, match="voxels"):
+        load_run(standalone.scene, other, read_run_folder(demo_run))
+    assert scene_state(standalone.scene) == before
+
+
+# --- display, two models, export, save and reload -------------------------------------------
+
+
+def test_layers_fade_and_switching_between_results(scene_with_result, demo_run):
+    standalone, nodes, _ = scene_with_result
+    scene = standalone.scene
+    outputs = read_run_folder(demo_run)
+    outputs.model = dict(outputs.model, name="second-model")
+    second, _ = load_run(scene, nodes.input_volume, outputs)
+    assert [r.segmentation for r in find_results(scene, nodes.input_volume)] == [nodes.segmentation,
+                                                                                 second.segmentation]
+    show_result(nodes, overlay_opacity=0.4)
+    composites = [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(3)]
+    for composite in composites:
+        assert composite.GetBackgroundVolumeID() == nodes.input_volume.GetID()
+        assert composite.GetForegroundVolumeID() == nodes.anomaly_map.GetID()
+        assert composite.GetForegroundOpacity() == pytest.approx(0.4)
+    assert nodes.segmentation.GetDisplayNode().GetVisibility() and not second.segmentation.GetDisplayNode().GetVisibility()
+    show_result(second, overlay_opacity=0.4, fade=0.7)
+    for composite in composites:
+        assert composite.GetForegroundVolumeID() == second.pseudo_healthy.GetID()
+        assert composite.GetForegroundOpacity() == pytest.approx(0.7)
+    assert second.segmentation.GetDisplayNode().GetVisibility() and not nodes.segmentation.GetDisplayNode().GetVisibility()
+    display = nodes.anomaly_map.GetDisplayNode()
+    assert display.GetColorNodeID() and display.GetApplyThreshold()
+    assert standalone.color_logic.GetColorLegendDisplayNode(nodes.anomaly_map) is not None
+
+
+def test_export_writes_what_the_user_sees_and_never_overwrites_unasked(scene_with_result, tmp_path):
+    import slicerio
+
+    _, nodes, live = scene_with_result
+    segmentation = live.update(nodes.calibration.threshold_for_fpr(0.02), 0.0)
+    live.set_rejected(1)
+    paths = export_result(nodes, tmp_path / "export")
+    assert [p.name for p in paths] == list(EXPORT_FILES) and all(p.is_file() for p in paths)
+    written = slicerio.read_segmentation(str(paths[0]))
+    segment = written["segments"][0]
+    voxels = written["voxels"] if written["voxels"].ndim == 3 else written["voxels"][segment["layer"]]
+    # The file may hold a box of the input's grid: find where its first voxel lies on the input.
+    input_ijk_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_ras(nodes.input_volume)
+    offset = np.rint(np.linalg.solve(input_ijk_to_lps, written["ijkToLPS"])[:3, 3])
+    expected = segment_on_input_grid(nodes)
+    placed = np.zeros(expected.shape, bool)
+    i, j, k = (int(v) for v in offset)
+    block = voxels.transpose(2, 1, 0) == segment["labelValue"]
+    placed[k:k + block.shape[0], j:j + block.shape[1], i:i + block.shape[2]] = block
+    assert np.array_equal(placed, expected) and expected.sum() == segmentation.mask.sum() - segmentation.lesions[0].voxels
+    with open(paths[3]) as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == len(segmentation.lesions) and rows[0]["Status"] == "rejected"
+    anomaly_map = sitk.ReadImage(str(paths[1]))
+    assert anomaly_map.GetSize() == nodes.input_volume.GetImageData().GetDimensions()
+    stamp = paths[0].stat().st_mtime_ns
+    with pytest.raises(OutputError, match="already holds"):
+        export_result(nodes, tmp_path / "export")
+    assert paths[0].stat().st_mtime_ns == stamp
+    export_result(nodes, tmp_path / "export", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == sorted(EXPORT_FILES)
+
+
+@pytest.mark.parametrize("as_bundle", [False, True], ids=["mrml", "mrb"])
+def test_saved_scene_reopens_with_outputs_and_settings(scene_with_result, tmp_path, as_bundle):
+    standalone, nodes, live = scene_with_result
+    threshold = nodes.calibration.threshold_for_fpr(0.02)
+    live.update(threshold, 30.0)
+    live.set_rejected(2)
+    before_mask, before_table = segment_on_input_grid(nodes), read_lesion_table(nodes.lesion_table)
+
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    assert standalone.application_logic.SaveSceneToSlicerDataBundleDirectory(str(folder), None)
+    reopened = create_scene(slice_views=False)
+    if as_bundle:
+        bundle = tmp_path / "saved.mrb"
+        assert standalone.application_logic.Zip(str(bundle), str(folder))
+        (tmp_path / "unpacked").mkdir()
+        assert reopened.application_logic.OpenSlicerDataBundle(str(bundle), str(tmp_path / "unpacked"))
+    else:
+        reopened.scene.SetURL(str(folder / "saved.mrml"))
+        assert reopened.scene.Connect()
+
+    results = find_results(reopened.scene)
+    assert len(results) == 1
+    result = results[0]
+    assert result.threshold == threshold and result.min_lesion_mm3 == 30.0
+    assert result.model == nodes.model and result.calibration == nodes.calibration
+    assert result.rejected_peaks == nodes.rejected_peaks and not result.frozen
+    assert np.array_equal(segment_on_input_grid(result), before_mask)
+    assert read_lesion_table(result.lesion_table) == before_table
+    assert np.array_equal(ijk_to_ras(result.anomaly_map), ijk_to_ras(result.input_volume))
+    # The sliders work again on the reopened scene, from the saved settings.
+    reloaded = LiveSegmentation(result).update()
+    assert np.array_equal(reloaded.mask, before_mask)
+    assert sum(lesion.rejected for lesion in reloaded.lesions) == 1
+
+
+def test_mrml_result_equals_the_cli_segmentation(scene_with_result, demo_run):
+    """The same numbers through both front ends: the module's first segment is the CLI's file."""
+    import slicerio
+
+    _, nodes, _ = scene_with_result
+    summary = json.loads((demo_run / "run.json").read_text())
+    assert nodes.threshold == summary["threshold"]
+    written = slicerio.read_segmentation(str(demo_run / "anomalies.seg.nrrd"))
+    voxels = written["voxels"]
+    mask = voxels.transpose(2, 1, 0) == written["segments"][0]["labelValue"]
+    assert np.array_equal(segment_on_input_grid(nodes), mask)
+    assert len(read_lesion_table(nodes.lesion_table)) == summary["lesion_count"]
