@@ -70,7 +70,7 @@ class _Progress:
 
             print(progress_line(stage, fraction), flush=True)
             return
-        if not self.enabled:
+        if not self.enabled or stage == "done":  # "done" is the pipeline's end, not a stage with a bar
             return
         from tqdm import tqdm
 
