@@ -54,11 +54,11 @@ def template_t1_path(template, tmp_path_factory) -> Path:
 def trained_dae_run(tmp_path_factory, template_t1_path):
     """(package, per-step losses) of a real (tiny) DAE: trained for a few dozen steps on the
     template, calibrated on it."""
-    from NormativeAnomalyLib.training import train_dae
+    from NormativeAnomalyLib.training import train_model
 
     out = tmp_path_factory.mktemp("models") / "dae-test"
     losses: list[float] = []
-    package = train_dae({
+    package = train_model({
         "name": "dae-test", "template": TEMPLATE_NAME, "registered": True, "seed": 7,
         "train_volumes": [str(template_t1_path)], "calibration_volumes": [str(template_t1_path)],
         "network": {"name": "UNet", "args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 1,

@@ -81,15 +81,15 @@ def test_short_training_lowers_the_loss_and_writes_a_loadable_package(trained_da
 
 
 def test_training_resumes_from_its_checkpoint(tmp_path, template_t1_path):
-    from NormativeAnomalyLib.training import train_dae
+    from NormativeAnomalyLib.training import train_model
 
     config = micro_training_config("dae-resume", template_t1_path, steps=6, checkpoint=str(tmp_path / "ckpt.pt"),
                                    checkpoint_every=3, out=str(tmp_path / "straight"))
-    straight = train_dae(config)
+    straight = train_model(config)
     steps_seen: list[int] = []
     partial = dict(config, steps=3, checkpoint=str(tmp_path / "ckpt2.pt"), out=str(tmp_path / "partial"))
-    train_dae(partial)
-    resumed = train_dae(dict(config, checkpoint=str(tmp_path / "ckpt2.pt"), out=str(tmp_path / "resumed")),
+    train_model(partial)
+    resumed = train_model(dict(config, checkpoint=str(tmp_path / "ckpt2.pt"), out=str(tmp_path / "resumed")),
                         progress=lambda step, loss: steps_seen.append(step))
     assert steps_seen == [4, 5, 6]  # only the missing steps ran
     for key, value in straight.state_dict.items():

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "NormativeAnomaly"))
 
-from NormativeAnomalyLib.training import train_dae  # noqa: E402
+from NormativeAnomalyLib.training import train_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.refresh()
 
-        package = train_dae(config, progress)
+        package = train_model(config, progress)
     if package is None:  # not process 0 of a torchrun launch
         return 0
     print(f"wrote {package.path} (final loss {package.card['training']['final_loss']}, "

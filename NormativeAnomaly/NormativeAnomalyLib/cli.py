@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--min-lesion-mm3", type=float, help="smallest lesion kept (default: the model's)")
         command.add_argument("--batch-size", type=int, help="slices per inference batch (default: the model's)")
         command.add_argument("--n4", action="store_true", default=None, help="N4 bias-field correction first")
+        diffusion = command.add_argument_group("diffusion models (defaults: the model card's)")
+        diffusion.add_argument("--noise-level", type=int, help="forward steps of noise before denoising")
+        diffusion.add_argument("--diffusion-steps", type=int, help="DDIM steps back to the image (1: one-step x0)")
+        diffusion.add_argument("--samples", type=int, help="reconstructions averaged; >1 writes uncertainty_map")
+        diffusion.add_argument("--diffusion-noise", choices=["gaussian", "coarse"], help="kind of noise")
         command.add_argument("--overwrite", action="store_true", help="replace outputs in a non-empty --out")
         command.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
         command.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -101,11 +106,19 @@ def _run(args: argparse.Namespace, input_path: Path, extra: dict[str, Any]) -> d
         raise NormativeAnomalyError("--min-lesion-mm3 must not be negative")
     check_output_folder(args.out, args.overwrite)
     package = resolve_model(args.model)
+    diffusion_options = {"--noise-level": args.noise_level, "--diffusion-steps": args.diffusion_steps,
+                         "--samples": args.samples, "--diffusion-noise": args.diffusion_noise}
+    given = [flag for flag, value in diffusion_options.items() if value is not None]
+    if given and package.family != "ddpm":
+        raise NormativeAnomalyError(f"{', '.join(given)}: only for diffusion models; '{package.name}' is a "
+                                    f"{package.family} model")
     image = read_volume(input_path)
     mask = read_mask(args.mask, image) if getattr(args, "mask", None) else None
     options = RunOptions(device=args.device, registered=getattr(args, "registered", False), brain_mask=mask,
                          threshold=args.threshold, fpr=args.fpr, min_lesion_mm3=args.min_lesion_mm3,
-                         bias_correction=args.n4, batch_size=args.batch_size)
+                         bias_correction=args.n4, batch_size=args.batch_size,
+                         diffusion={"noise_level": args.noise_level, "steps": args.diffusion_steps,
+                                    "samples": args.samples, "noise": args.diffusion_noise})
     progress = _Progress(enabled=not (args.quiet or args.json), lines=args.progress_lines)
     try:
         result = detect_anomalies(image, package, options, Monitor(progress=progress, cancel=_cancel_requested.is_set))
@@ -115,7 +128,8 @@ def _run(args: argparse.Namespace, input_path: Path, extra: dict[str, Any]) -> d
     settings = {"input": str(input_path), "model": args.model or package.name, "device": args.device,
                 "registered": options.registered, "mask": str(args.mask) if getattr(args, "mask", None) else None,
                 "threshold": args.threshold, "fpr": args.fpr, "min_lesion_mm3": args.min_lesion_mm3,
-                "n4": bool(args.n4), "batch_size": args.batch_size}
+                "n4": bool(args.n4), "batch_size": args.batch_size, "noise_level": args.noise_level,
+                "diffusion_steps": args.diffusion_steps, "samples": args.samples, "diffusion_noise": args.diffusion_noise}
     if "truth" in extra:
         extra = {"demo_dice": _dice(result.segmentation.mask, extra.pop("truth"))} | extra
     summary = write_outputs(result, args.out, settings, overwrite=args.overwrite, extra_summary=extra)

@@ -27,6 +27,8 @@ from .volume_io import write_image
 
 OUTPUT_FILES = ("pseudo_healthy.nii.gz", "anomaly_map.nii.gz", "anomalies.seg.nrrd", "lesions.csv", "lesions.json",
                 "report.png", "run.json")
+# Written only by models that give one (diffusion with several samples).
+OPTIONAL_OUTPUT_FILES = ("uncertainty_map.nii.gz",)
 LESION_COLUMNS = ("id", "voxels", "volume_ml", "max_score", "mean_score", "centroid_r", "centroid_a", "centroid_s")
 
 
@@ -74,7 +76,7 @@ def run_summary(result: AnomalyResult, settings: dict[str, Any]) -> dict[str, An
         "lesion_volume_ml": round(sum(l.volume_ml for l in result.segmentation.kept), 4),
         "settings": settings,
         "seconds": result.seconds,
-        "outputs": list(OUTPUT_FILES),
+        "outputs": list(OUTPUT_FILES) + (["uncertainty_map.nii.gz"] if result.uncertainty is not None else []),
     }
 
 
@@ -92,6 +94,8 @@ def write_outputs(result: AnomalyResult, out_dir: str | os.PathLike, settings: d
     try:
         write_image(result.pseudo_healthy, staging / "pseudo_healthy.nii.gz")
         write_image(result.anomaly_map, staging / "anomaly_map.nii.gz")
+        if result.uncertainty is not None:
+            write_image(result.uncertainty, staging / "uncertainty_map.nii.gz")
         write_segmentation(staging / "anomalies.seg.nrrd", result)
         rows = [l.as_dict() for l in result.segmentation.lesions]
         (staging / "lesions.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -116,6 +120,9 @@ def _move_into_place(staging: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         os.rename(staging, out_dir)  # the whole set appears at once
         return
-    for name in OUTPUT_FILES:  # --overwrite: replace our files one by one, leave the user's others alone
-        os.replace(staging / name, out_dir / name)
+    for name in OUTPUT_FILES + OPTIONAL_OUTPUT_FILES:  # --overwrite: replace ours, leave the user's others alone
+        if (staging / name).exists():
+            os.replace(staging / name, out_dir / name)
+        elif name in OPTIONAL_OUTPUT_FILES:
+            (out_dir / name).unlink(missing_ok=True)  # from an earlier run: it would not match this one
     shutil.rmtree(staging, ignore_errors=True)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import NormativeAnomalyError
-from .inference import reconstruct, select_device
+from .inference import diffusion_settings, reconstruct_with_uncertainty, select_device
 from .input_space import to_input_grid
 from .lesions import Segmentation, segment_anomalies
 from .model_space import prepare_model_input
@@ -36,6 +36,8 @@ class RunOptions:
     min_lesion_mm3: float | None = None
     bias_correction: bool | None = None  # default: the model card's
     batch_size: int | None = None
+    # Diffusion models: overrides of the card's noise_level, steps, samples, noise (None: the card's)
+    diffusion: dict[str, Any] | None = None
 
 
 @dataclass
@@ -52,6 +54,8 @@ class AnomalyResult:
     registration: Registration
     device: str
     seconds: dict[str, float] = field(default_factory=dict)
+    # Variance over several stochastic reconstructions (diffusion models with samples > 1), else None
+    uncertainty: sitk.Image | None = None
 
     def resegment(self, threshold: float | None = None, min_lesion_mm3: float | None = None) -> Segmentation:
         """New threshold and/or minimum size, without re-running the model."""
@@ -90,6 +94,8 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
     seconds: dict[str, float] = {}
     image = validate_volume(image)
     device = select_device(options.device)
+    if package.family == "ddpm":
+        diffusion_settings(package, options.diffusion)  # a bad override fails now, not after registration
     threshold, threshold_fpr = resolve_threshold(package, options)
     min_lesion_mm3 = card["scoring"]["min_lesion_mm3"] if options.min_lesion_mm3 is None else options.min_lesion_mm3
 
@@ -106,8 +112,9 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
                                           options.brain_mask, bias)
     monitor.check()
     with _timed(seconds, "inference", monitor):
-        reconstruction = reconstruct(package, model_input.image, model_input.brain_mask, device, monitor,
-                                     options.batch_size)
+        reconstruction, variance = reconstruct_with_uncertainty(
+            package, model_input.image, model_input.brain_mask, device, monitor, options.batch_size,
+            options.diffusion)
     monitor.check()
     with _timed(seconds, "scoring", monitor):
         spacing_zyx = tuple(reversed(template.image.GetSpacing()))
@@ -121,13 +128,14 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
         pseudo_healthy = _pseudo_healthy_on_input(image, reconstruction, model_input, template, registration,
                                                   brain_on_input)
         brain_on_input = sitk.Cast(brain_on_input > 0.5, sitk.sitkUInt8)
+        uncertainty = None if variance is None else to_input_grid(variance, template, registration, image)
     monitor.check()
     with _timed(seconds, "segmentation", monitor):
         segmentation = segment_anomalies(anomaly_map, threshold, min_lesion_mm3)
     monitor.report("done", 1.0)
     seconds["total"] = round(sum(seconds.values()), 3)
     return AnomalyResult(image, pseudo_healthy, anomaly_map, brain_on_input, segmentation, threshold_fpr, package,
-                         registration, device.type, seconds)
+                         registration, device.type, seconds, uncertainty)
 
 
 def _pseudo_healthy_on_input(image: sitk.Image, reconstruction: np.ndarray | None, model_input, template,

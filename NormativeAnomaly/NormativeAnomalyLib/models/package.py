@@ -81,6 +81,13 @@ def validate_card(card: Any, source: str = "card") -> dict[str, Any]:
         card["weights"] is None
     ):
         raise ModelPackageError(f"{source}: only the 'intensity' family has no network and no weights")
+    is_diffusion = card["family"] == "ddpm"
+    if is_diffusion != ("diffusion" in card["inference"]) or (
+            is_diffusion and card["network"]["name"] != "DiffusionModelUNet"):
+        raise ModelPackageError(f"{source}: the 'ddpm' family, and only it, has a DiffusionModelUNet and "
+                                "inference.diffusion settings")
+    if is_diffusion and card["inference"]["diffusion"]["noise_level"] > card["inference"]["diffusion"]["train_timesteps"]:
+        raise ModelPackageError(f"{source}: inference.diffusion.noise_level exceeds train_timesteps")
     fpr, threshold = card["calibration"]["fpr"], card["calibration"]["threshold"]
     if len(fpr) != len(threshold):
         raise ModelPackageError(f"{source}: calibration fpr and threshold differ in length")
