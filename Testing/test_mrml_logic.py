@@ -452,3 +452,29 @@ def test_mrml_result_equals_the_cli_segmentation(scene_with_result, demo_run):
     mask = voxels.transpose(2, 1, 0) == written["segments"][0]["labelValue"]
     assert np.array_equal(segment_on_input_grid(nodes), mask)
     assert len(read_lesion_table(nodes.lesion_table)) == summary["lesion_count"]
+
+
+def test_an_uncertainty_map_becomes_a_node_that_is_exported_and_removed_with_its_result(demo_run, demo_paths,
+                                                                                        tmp_path):
+    """Diffusion runs with several samples also give a variance map: one more node of the result."""
+    import dataclasses
+
+    standalone = create_scene()
+    input_volume = load_input(standalone, demo_paths[0])
+    outputs = read_run_folder(demo_run)
+    variance = sitk.Abs(outputs.anomaly_map) * 0.5
+    before = scene_state(standalone.scene)
+    nodes, _ = load_run(standalone.scene, input_volume, dataclasses.replace(outputs, uncertainty=variance))
+    assert nodes.uncertainty_map is not None and nodes.uncertainty_map in nodes.nodes()
+    assert nodes.uncertainty_map.GetName() == f"demo_t1 uncertainty ({default_model_name()})"
+    assert np.array_equal(ijk_to_ras(nodes.uncertainty_map), ijk_to_ras(input_volume))
+    assert ResultNodes.from_segmentation(nodes.segmentation).uncertainty_map is nodes.uncertainty_map
+    show_result(nodes, overlay_opacity=0.6, show_uncertainty=True)
+    composite = standalone.scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
+    assert composite.GetForegroundVolumeID() == nodes.uncertainty_map.GetID()
+    paths = export_result(nodes, tmp_path / "export")
+    assert "uncertainty_map.nii.gz" in [p.name for p in paths]
+    np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "export/uncertainty_map.nii.gz"))),
+                               sitk.GetArrayFromImage(variance), rtol=1e-6)
+    nodes.remove()
+    assert scene_state(standalone.scene) == before

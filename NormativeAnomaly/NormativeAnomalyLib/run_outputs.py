@@ -31,13 +31,14 @@ class RunOutputs:
     threshold: float
     min_lesion_mm3: float
     model: dict[str, Any]  # MODEL_FIELDS of the card
+    uncertainty: sitk.Image | None = None  # variance over stochastic reconstructions (diffusion), on the input's grid
 
     @classmethod
     def from_result(cls, result: AnomalyResult) -> "RunOutputs":
         card = result.model.card
         model = {key: card.get(key, "") for key in MODEL_FIELDS} | {"training_data": card["training"].get("data", "")}
         return cls(result.pseudo_healthy, result.anomaly_map, result.model.calibration,
-                   result.segmentation.threshold, result.segmentation.min_lesion_mm3, model)
+                   result.segmentation.threshold, result.segmentation.min_lesion_mm3, model, result.uncertainty)
 
 
 def read_run_folder(out_dir: str | os.PathLike) -> RunOutputs:
@@ -50,8 +51,10 @@ def read_run_folder(out_dir: str | os.PathLike) -> RunOutputs:
         model = {key: summary["model"].get(key, "") for key in MODEL_FIELDS}
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise OutputError(f"{out_dir} does not hold a complete run (run.json: {error})") from error
+    uncertainty_path = out_dir / "uncertainty_map.nii.gz"
     return RunOutputs(_read_map(out_dir / "pseudo_healthy.nii.gz"), _read_map(out_dir / "anomaly_map.nii.gz"),
-                      calibration, threshold, min_size, model)
+                      calibration, threshold, min_size, model,
+                      _read_map(uncertainty_path) if uncertainty_path.exists() else None)
 
 
 def _read_map(path: Path) -> sitk.Image:

@@ -35,6 +35,8 @@ def style_result(nodes: ResultNodes, color_logic=None) -> None:
     if input_display is not None:
         pseudo_display.SetAutoWindowLevel(False)
         pseudo_display.SetWindowLevel(input_display.GetWindow(), input_display.GetLevel())
+    if nodes.uncertainty_map is not None:  # shown on demand (as a layer); greys, full range
+        nodes.uncertainty_map.GetDisplayNode().SetAutoWindowLevel(True)
     segmentation_display = nodes.segmentation.GetDisplayNode()
     segmentation_display.SetOpacity2DFill(0.25)
     segmentation_display.SetOpacity2DOutline(1.0)
@@ -44,11 +46,14 @@ def style_result(nodes: ResultNodes, color_logic=None) -> None:
             legend.SetTitleText("Anomaly score")
 
 
-def show_result(nodes: ResultNodes, overlay_opacity: float = 0.5, fade: float = 0.0) -> None:
-    """Input in the background of every slice view; in the foreground either the anomaly map
-    (``fade`` 0) or, to compare, the pseudo-healthy reconstruction at opacity ``fade``."""
+def show_result(nodes: ResultNodes, overlay_opacity: float = 0.5, fade: float = 0.0,
+                show_uncertainty: bool = False) -> None:
+    """Input in the background of every slice view; in the foreground the anomaly map (or, with
+    ``show_uncertainty``, the uncertainty map when the result has one) at ``overlay_opacity``,
+    or, to compare, the pseudo-healthy reconstruction at opacity ``fade`` when ``fade`` > 0."""
     scene = nodes.segmentation.GetScene()
-    foreground, opacity = ((nodes.pseudo_healthy, fade) if fade > 0 else (nodes.anomaly_map, overlay_opacity))
+    overlay = nodes.uncertainty_map if show_uncertainty and nodes.uncertainty_map is not None else nodes.anomaly_map
+    foreground, opacity = ((nodes.pseudo_healthy, fade) if fade > 0 else (overlay, overlay_opacity))
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
         composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
         was_modifying = composite.StartModify()

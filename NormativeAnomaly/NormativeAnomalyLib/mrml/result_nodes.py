@@ -25,6 +25,7 @@ SEGMENT_ID = "Anomaly"
 SEGMENT_COLOR = (1.0, 0.85, 0.1)
 ROLES = {"input": "NormativeAnomaly.input", "anomaly_map": "NormativeAnomaly.anomalyMap",
          "pseudo_healthy": "NormativeAnomaly.pseudoHealthy", "lesion_table": "NormativeAnomaly.lesionTable"}
+UNCERTAINTY_ROLE = "NormativeAnomaly.uncertaintyMap"  # only for models that give one
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ResultNodes:
     anomaly_map: Any
     pseudo_healthy: Any
     lesion_table: Any
+    uncertainty_map: Any = None  # variance over stochastic reconstructions (diffusion models), or None
 
     @classmethod
     def from_segmentation(cls, segmentation) -> "ResultNodes":
@@ -43,7 +45,8 @@ class ResultNodes:
         missing = [key for key, node in nodes.items() if node is None]
         if missing:
             raise ValueError(f"result {segmentation.GetName()!r} lost its {', '.join(missing)} node(s)")
-        return cls(segmentation, nodes["input"], nodes["anomaly_map"], nodes["pseudo_healthy"], nodes["lesion_table"])
+        return cls(segmentation, nodes["input"], nodes["anomaly_map"], nodes["pseudo_healthy"], nodes["lesion_table"],
+                   segmentation.GetNodeReference(UNCERTAINTY_ROLE))
 
     # Settings, stored as attributes of the segmentation node.
     def _get(self, key: str) -> Any:
@@ -75,7 +78,8 @@ class ResultNodes:
 
     def nodes(self) -> list[Any]:
         """The nodes this result created (not the input)."""
-        return [self.segmentation, self.anomaly_map, self.pseudo_healthy, self.lesion_table]
+        created = [self.segmentation, self.anomaly_map, self.pseudo_healthy, self.lesion_table]
+        return created + ([self.uncertainty_map] if self.uncertainty_map is not None else [])
 
     def remove(self) -> None:
         scene = self.segmentation.GetScene()
@@ -123,6 +127,10 @@ def add_result_nodes(scene, input_volume, outputs: RunOutputs, monitor: Monitor 
                                               result_name(input_volume, model_name, "pseudo-healthy"), input_volume))
         anomaly_map = keep(add_volume_node(scene, outputs.anomaly_map,
                                            result_name(input_volume, model_name, "anomaly map"), input_volume))
+        uncertainty = None
+        if outputs.uncertainty is not None:
+            uncertainty = keep(add_volume_node(scene, outputs.uncertainty,
+                                               result_name(input_volume, model_name, "uncertainty"), input_volume))
         table = keep(scene.AddNewNodeByClass("vtkMRMLTableNode", result_name(input_volume, model_name, "lesions")))
         segmentation = keep(scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                     result_name(input_volume, model_name, "anomalies")))
@@ -135,8 +143,10 @@ def add_result_nodes(scene, input_volume, outputs: RunOutputs, monitor: Monitor 
         for key, node in (("input", input_volume), ("anomaly_map", anomaly_map), ("pseudo_healthy", pseudo_healthy),
                           ("lesion_table", table)):
             segmentation.SetNodeReferenceID(ROLES[key], node.GetID())
+        if uncertainty is not None:
+            segmentation.SetNodeReferenceID(UNCERTAINTY_ROLE, uncertainty.GetID())
         segmentation.SetAttribute(RESULT_ATTRIBUTE, "1")
-        nodes = ResultNodes(segmentation, input_volume, anomaly_map, pseudo_healthy, table)
+        nodes = ResultNodes(segmentation, input_volume, anomaly_map, pseudo_healthy, table, uncertainty)
         nodes._set("model", outputs.model)
         nodes._set("calibration", {"fpr": list(outputs.calibration.fpr),
                                    "threshold": list(outputs.calibration.threshold)})
