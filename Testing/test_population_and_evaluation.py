@@ -133,3 +133,38 @@ def test_two_process_torchrun_training(tmp_path, template_t1_path):
     card = json.loads((tmp_path / "package" / "model.json").read_text())
     assert card["training"]["processes"] == 2 and card["training"]["steps"] == 4
     assert (tmp_path / "package" / "training_loss.png").is_file()
+
+
+def test_evaluation_script_compares_models_on_shared_registrations(tmp_path, demo_paths, tiny_t1_path, trained_dae,
+                                                                   monkeypatch):
+    """scripts/evaluate.py on a lesion case and a healthy scan with two models: one table row per
+    model, the figure with a row per model, and each case registered once for both models."""
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import evaluate
+
+    data = tmp_path / "cases"
+    data.mkdir()
+    shutil.copy(demo_paths[0], data / "demo_image.nii.gz")
+    shutil.copy(demo_paths[1], data / "demo_mask.nii.gz")
+    shutil.copy(tiny_t1_path, data / "head_image.nii.gz")
+    calls = []
+    real_register = evaluate.register_to_template
+    monkeypatch.setattr(evaluate, "register_to_template",
+                        lambda *args, **kwargs: calls.append(1) or real_register(*args, **kwargs))
+    out = tmp_path / "evaluation"
+    assert evaluate.main(["--data", str(data), "--models", "intensity-t1", str(trained_dae.path),
+                          "--out", str(out)]) == 0
+    assert len(calls) == 2  # two cases, not two cases x two models
+    results = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in results] == ["intensity-t1", trained_dae.name]
+    for result in results:
+        assert set(result["types"]) == {"lesion"} and set(result["healthy_flagged_ml"]) == {"head"}
+        assert 0 <= result["types"]["lesion"]["auprc"] <= 1 and result["seconds_per_volume"] > 0
+    table = (out / "results.md").read_text()
+    assert table.count("| intensity-t1 |") == 2 and table.count(f"| {trained_dae.name} |") == 2
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(out / "examples.png").shape[:2]
+    assert width > height  # two cases x 3 panels across, two model rows down

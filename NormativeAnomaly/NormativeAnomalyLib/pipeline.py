@@ -38,6 +38,9 @@ class RunOptions:
     batch_size: int | None = None
     # Diffusion models: overrides of the card's noise_level, steps, samples, noise (None: the card's)
     diffusion: dict[str, Any] | None = None
+    # A registration of this input to the model's template computed before (e.g. by a run of another
+    # model on the same template): reused instead of registering again
+    registration: Registration | None = None
 
 
 @dataclass
@@ -103,6 +106,8 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
     with _timed(seconds, "registration", monitor):
         if options.registered:
             registration = identity_registration()
+        elif options.registration is not None:
+            registration = options.registration
         else:
             registration = register_to_template(image, template.image, card["preprocessing"]["registration"], monitor)
     monitor.check()

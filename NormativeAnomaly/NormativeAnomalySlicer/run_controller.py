@@ -8,6 +8,7 @@ runs on a plain MRML scene.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import shutil
 import sys
@@ -26,6 +27,10 @@ except ImportError:  # Slicer < 5.4, or MRML without the application
 EXIT_CANCELLED = 130  # the CLI's exit status after SIGTERM / Ctrl-C (0 ok, 1 user error, 3 internal)
 CLI_PREFIXES = ("normative-anomaly: error: ", "normative-anomaly: ")
 INPUT_FILE = "input.nrrd"  # the temporary copy of the input volume
+# A diffusion model's settings (the card's inference.diffusion keys) and the CLI options overriding them.
+DIFFUSION_OPTIONS = {"noise_level": "--noise-level", "steps": "--diffusion-steps", "samples": "--samples",
+                     "noise": "--diffusion-noise"}
+DIFFUSION_NOISE_KINDS = ("gaussian", "coarse")
 
 
 def stageText(stage: str) -> str:
@@ -73,13 +78,53 @@ class RunHandle:
         return self.run.poll()
 
 
+def diffusionArguments(diffusion: Optional[dict[str, Any]], card: Optional[dict[str, Any]] = None) -> list[str]:
+    """The CLI options for a diffusion model's settings (keys as in the card's ``inference.diffusion``:
+    noise_level, steps, samples, noise; a missing or None value keeps the card's). Checked here, against
+    the card's settings when given, so that a bad value is reported before anything is written or run."""
+    if not diffusion:
+        return []
+    unknown = sorted(set(diffusion) - set(DIFFUSION_OPTIONS))
+    if unknown:
+        raise ValueError(_("Unknown diffusion setting(s): {names}").format(names=", ".join(unknown)))
+    settings = {key: value for key, value in diffusion.items() if value is not None}
+    for key in ("noise_level", "steps", "samples"):
+        if key in settings:
+            value = settings[key]
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(_("The diffusion setting {name} must be a whole number of at least 1, not {value!r}.")
+                                 .format(name=key, value=value))
+            settings[key] = int(value)
+    if "noise" in settings and settings["noise"] not in DIFFUSION_NOISE_KINDS:
+        raise ValueError(_("The diffusion noise must be one of {kinds}, not {value!r}.").format(
+            kinds=", ".join(DIFFUSION_NOISE_KINDS), value=settings["noise"]))
+    effective = {**(card or {}), **settings}
+    total, level, steps = (effective.get(key) for key in ("train_timesteps", "noise_level", "steps"))
+    if isinstance(total, int) and isinstance(level, int) and level > total:
+        raise ValueError(_("The noise level ({level}) exceeds the model's {total} diffusion training steps.").format(
+            level=level, total=total))
+    if isinstance(level, int) and isinstance(steps, int) and steps > level:
+        raise ValueError(_("The denoising steps ({steps}) exceed the noise level ({level}).").format(
+            steps=steps, level=level))
+    arguments = []
+    for key, value in settings.items():
+        arguments += [DIFFUSION_OPTIONS[key], str(value)]
+    return arguments
+
+
 def startRun(inputVolume, modelName: str, device: str, registered: bool, brainMask, tempRoot: str,
-             python: Optional[str] = None) -> RunHandle:
-    """Write the input (and mask) to a new temporary folder and start the CLI on it; returns at once."""
+             python: Optional[str] = None, diffusion: Optional[dict[str, Any]] = None,
+             diffusionCard: Optional[dict[str, Any]] = None) -> RunHandle:
+    """Write the input (and mask) to a new temporary folder and start the CLI on it; returns at once.
+
+    ``diffusion`` (diffusion models only: the CLI refuses these options for other families) overrides
+    the card's noise_level, steps, samples and noise; ``diffusionCard``, the card's own settings, is
+    what they are checked against (see diffusionArguments)."""
     if inputVolume is None or inputVolume.GetImageData() is None:
         raise ValueError(_("Select an input volume that has image data."))
     if not modelName:
         raise ValueError(_("Select a model."))
+    extraArgs = diffusionArguments(diffusion, diffusionCard)
     os.makedirs(tempRoot, exist_ok=True)
     workDir = tempfile.mkdtemp(prefix="NormativeAnomaly-", dir=tempRoot)
     try:
@@ -91,7 +136,7 @@ def startRun(inputVolume, modelName: str, device: str, registered: bool, brainMa
             _writeVolume(brainMask, maskPath)
         outDir = os.path.join(workDir, "out")  # must not exist yet: the CLI refuses a non-empty folder
         command = run_command(inputPath, outDir, model=modelName, device=device, registered=registered,
-                              mask_path=maskPath, python=python or pythonExecutable())
+                              mask_path=maskPath, extra_args=extraArgs, python=python or pythonExecutable())
         logging.info("NormativeAnomaly: running " + " ".join(command))
         run = BackgroundRun(command)
     except BaseException:
