@@ -48,9 +48,12 @@ Neurological Institute, McGill University; notice in Resources/Licenses/MNI-ICBM
 
 @parameterNodeWrapper
 class NormativeAnomalyParameterNode:
-    """Inputs of a run (inputVolume, brainMask, modelName, device, alreadyInTemplateSpace) and the
-    active result with its display settings. threshold and minLesionMm3 mirror the active result's
-    saved settings (a ctkSliderWidget binding needs bounds; the threshold slider range is set per result)."""
+    """Inputs of a run (inputVolume, brainMask, modelName, device, alreadyInTemplateSpace; for diffusion
+    models noiseLevel, diffusionSteps, samples, diffusionNoise, loaded from the card when such a model
+    is selected) and the active result with its display settings. threshold and minLesionMm3 mirror the
+    active result's saved settings (a ctkSliderWidget binding needs bounds; the threshold slider range
+    is set per result). The int fields carry their spin box's range: without one, the binding would
+    widen the spin box to the whole int range."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     brainMask: Optional[vtkMRMLLabelMapVolumeNode]
@@ -58,11 +61,16 @@ class NormativeAnomalyParameterNode:
     # Choice is required by the parameter node wrapper to bind a str to a QComboBox.
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     alreadyInTemplateSpace: bool = False
+    noiseLevel: Annotated[int, WithinRange(1, 1000)] = 250
+    diffusionSteps: Annotated[int, WithinRange(1, 100)] = 10
+    samples: Annotated[int, WithinRange(1, 32)] = 1
+    diffusionNoise: Annotated[str, Choice(["gaussian", "coarse"])] = "coarse"
     activeResult: Optional[vtkMRMLSegmentationNode]
     threshold: Annotated[float, WithinRange(0.0, 1.0e6)] = 0.0
     minLesionMm3: Annotated[float, WithinRange(0.0, 5000.0)] = 0.0
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     fade: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
+    showUncertainty: bool = False  # the uncertainty map as the overlay, when the active result has one
 
 
 class NormativeAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -186,13 +194,42 @@ class NormativeAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         index = max(self.ui.modelSelector.findData(self._parameterNode.modelName), 0)
         if index < self.ui.modelSelector.count:
             self.ui.modelSelector.currentIndex = index
-            self._parameterNode.modelName = self.ui.modelSelector.itemData(index)
+            self._setModel(self.ui.modelSelector.itemData(index))
         self._showModelCard()
 
     def onModelSelected(self, index: int) -> None:
         if self._parameterNode and index >= 0:
-            self._parameterNode.modelName = self.ui.modelSelector.itemData(index)
+            self._setModel(self.ui.modelSelector.itemData(index))
         self._showModelCard()
+
+    def _setModel(self, modelName: str) -> None:
+        """Store the model in the parameter node. When it changes to a diffusion model, its card's
+        settings become the diffusion settings shown (the user may then change them); when it is
+        the same model (the selector following the parameter node), the stored settings are kept."""
+        from NormativeAnomalySlicer.model_cards import diffusionSettings
+
+        parameters = self._parameterNode
+        if parameters.modelName == modelName:
+            return
+        settings = diffusionSettings(self.logic.modelCard(modelName))
+        with slicer.util.NodeModify(parameters):  # one Modified event for the whole change
+            parameters.modelName = modelName
+            if settings is not None:
+                self._loadDiffusionSettings(settings)
+
+    def _loadDiffusionSettings(self, settings: dict[str, Any]) -> None:
+        """A card's settings into the parameter node, within the ranges of the spin boxes."""
+        parameters = self._parameterNode
+        for field, key, spinBox in (("noiseLevel", "noise_level", self.ui.noiseLevelSpinBox),
+                                    ("diffusionSteps", "steps", self.ui.diffusionStepsSpinBox),
+                                    ("samples", "samples", self.ui.samplesSpinBox)):
+            try:
+                value = int(settings[key])
+            except (KeyError, TypeError, ValueError):
+                continue
+            setattr(parameters, field, min(max(value, spinBox.minimum), spinBox.maximum))
+        if settings.get("noise") in ("gaussian", "coarse"):
+            parameters.diffusionNoise = settings["noise"]
 
     def _showModelCard(self) -> None:
         from NormativeAnomalySlicer.model_cards import cardHtml
@@ -230,12 +267,24 @@ class NormativeAnomalyLogic(ScriptedLoadableModuleLogic):
         return models[0]["name"] if models else None
 
     def startRun(self, inputVolume: vtkMRMLScalarVolumeNode, modelName: str, device: str = "auto",
-                 alreadyInTemplateSpace: bool = False, brainMask: Optional[vtkMRMLLabelMapVolumeNode] = None):
-        """Start the analysis in the background; returns a RunHandle to poll, finish or cancel."""
-        from NormativeAnomalySlicer import run_controller
+                 alreadyInTemplateSpace: bool = False, brainMask: Optional[vtkMRMLLabelMapVolumeNode] = None,
+                 diffusion: Optional[dict[str, Any]] = None):
+        """Start the analysis in the background; returns a RunHandle to poll, finish or cancel.
 
+        ``diffusion`` overrides a diffusion model's card settings for this run: any of noise_level,
+        steps, samples (more than 1 also gives an uncertainty map) and noise ("gaussian" or "coarse").
+        It is only passed on for diffusion models (ignored, with a warning, for a registered model of
+        another family; a model given by folder is left to the command-line tool to judge)."""
+        from NormativeAnomalySlicer import run_controller
+        from NormativeAnomalySlicer.model_cards import diffusionSettings, isDiffusionModel
+
+        card = self.modelCard(modelName)
+        if diffusion and card is not None and not isDiffusionModel(card):
+            logging.warning(f"NormativeAnomaly: {modelName} is not a diffusion model: diffusion settings ignored")
+            diffusion = None
         return run_controller.startRun(inputVolume, modelName, device, alreadyInTemplateSpace, brainMask,
-                                       slicer.app.temporaryPath)
+                                       slicer.app.temporaryPath, diffusion=diffusion,
+                                       diffusionCard=diffusionSettings(card))
 
     def waitForRun(self, handle, timeoutSeconds: float = 3600.0):
         """Block (keeping the application responsive) until the run ends; returns its RunState."""
