@@ -315,12 +315,26 @@ class NormativeAnomalyTest(ScriptedLoadableModuleTest):
         self.test_Panel()
         self.setUp()
         self.test_Cancel()
+        self.setUp()
+        self.test_Diffusion()
 
     def _loadDemo(self):
         from NormativeAnomalySlicer.sample_data import demoPath
 
         self.assertTrue(demoPath().is_file(), f"demo case not found: {demoPath()}")
         return slicer.util.loadVolume(str(demoPath()))
+
+    def _assertOnInputGrid(self, volume, inputVolume) -> None:
+        """A result volume in the scene, with the input's dimensions and IJK-to-RAS matrix."""
+        import numpy
+
+        self.assertTrue(slicer.mrmlScene.IsNodePresent(volume))
+        self.assertEqual(volume.GetImageData().GetDimensions(), inputVolume.GetImageData().GetDimensions())
+        inputMatrix, matrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        inputVolume.GetIJKToRASMatrix(inputMatrix)
+        volume.GetIJKToRASMatrix(matrix)
+        numpy.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(matrix),
+                                      slicer.util.arrayFromVTKMatrix(inputMatrix), atol=1e-4)
 
     def test_RunThresholdRejectExport(self):
         """Default model on the demo case through the logic's background run, then the live controls."""
@@ -337,15 +351,10 @@ class NormativeAnomalyTest(ScriptedLoadableModuleTest):
         nodes, live = logic.finishRun(handle)
         self.assertFalse(os.path.exists(handle.workDir))
 
+        for volume in (nodes.pseudo_healthy, nodes.anomaly_map):
+            self._assertOnInputGrid(volume, inputVolume)
         inputMatrix = vtk.vtkMatrix4x4()
         inputVolume.GetIJKToRASMatrix(inputMatrix)
-        for volume in (nodes.pseudo_healthy, nodes.anomaly_map):
-            self.assertTrue(slicer.mrmlScene.IsNodePresent(volume))
-            self.assertEqual(volume.GetImageData().GetDimensions(), inputVolume.GetImageData().GetDimensions())
-            matrix = vtk.vtkMatrix4x4()
-            volume.GetIJKToRASMatrix(matrix)
-            numpy.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(matrix),
-                                          slicer.util.arrayFromVTKMatrix(inputMatrix), atol=1e-4)
         self.assertTrue(slicer.mrmlScene.IsNodePresent(nodes.segmentation))
         labelmap = slicer.vtkOrientedImageData()
         nodes.segmentation.GetBinaryLabelmapRepresentation(SEGMENT_ID, labelmap)
@@ -412,6 +421,11 @@ class NormativeAnomalyTest(ScriptedLoadableModuleTest):
                 slicer.util.arrayFromSegmentBinaryLabelmap(nodes.segmentation, SEGMENT_ID, inputVolume)))
 
         settle()
+        # Controls that only apply to diffusion models and to results with an uncertainty map.
+        from NormativeAnomalySlicer.model_cards import isDiffusionModel
+        self.assertEqual(widget.ui.diffusionGroupBox.isHidden(),
+                         not isDiffusionModel(logic.modelCard(widget.ui.modelSelector.currentData)))
+        self.assertEqual(widget.ui.showUncertaintyCheckBox.enabled, nodes.uncertainty_map is not None)
         slider = widget.ui.thresholdSliderWidget
         lower = round(0.6 * nodes.threshold, slider.decimals)
         slider.value = lower
@@ -451,4 +465,46 @@ class NormativeAnomalyTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(handle.run.process.poll())
         self.assertFalse(os.path.exists(handle.workDir))
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        self.delayDisplay("Test passed")
+
+    def test_Diffusion(self):
+        """A registered diffusion model: selecting it loads its card's settings into the panel; a short
+        run (2 samples of 2 denoising steps) gives an uncertainty map on the input's grid, shown on demand.
+        Skipped when no diffusion model is registered."""
+        from NormativeAnomalyLib.mrml.display import show_result
+        from NormativeAnomalySlicer.model_cards import diffusionSettings, isDiffusionModel
+
+        logic = NormativeAnomalyLogic()
+        model = next((model for model in logic.availableModels() if isDiffusionModel(model)), None)
+        if model is None:
+            self.delayDisplay("No diffusion model is registered: diffusion test skipped")
+            return
+
+        self.delayDisplay(f"Selecting the diffusion model {model['name']}")
+        inputVolume = self._loadDemo()
+        slicer.util.selectModule("NormativeAnomaly")
+        widget = slicer.util.getModuleWidget("NormativeAnomaly")
+        selector = widget.ui.modelSelector
+        other = next((index for index in range(selector.count) if selector.itemData(index) != model["name"]), None)
+        if other is not None:
+            selector.currentIndex = other
+        selector.currentIndex = selector.findData(model["name"])
+        slicer.app.processEvents()
+        card = diffusionSettings(model)
+        parameters = widget.logic.getParameterNode()
+        self.assertFalse(widget.ui.diffusionGroupBox.isHidden())
+        self.assertEqual(parameters.modelName, model["name"])
+        self.assertEqual(parameters.diffusionNoise, card["noise"])
+        self.assertEqual(parameters.samples, min(max(int(card["samples"]), 1), 32))
+
+        self.delayDisplay(f"Running {model['name']} with 2 samples of 2 steps")
+        handle = logic.startRun(inputVolume, model["name"], diffusion={"samples": 2, "steps": 2})
+        state = logic.waitForRun(handle, timeoutSeconds=1800)
+        self.assertEqual(state.returncode, 0, f"run failed: {state.message}")
+        nodes, _live = logic.finishRun(handle)
+        self.assertIsNotNone(nodes.uncertainty_map, "no uncertainty map from a run with 2 samples")
+        self._assertOnInputGrid(nodes.uncertainty_map, inputVolume)
+        show_result(nodes, 0.5, 0.0, show_uncertainty=True)
+        composite = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
+        self.assertEqual(composite.GetForegroundVolumeID(), nodes.uncertainty_map.GetID())
         self.delayDisplay("Test passed")

@@ -29,11 +29,16 @@ WIDTH = 420
 FONT_PX = 12  # fixed pixel size so the PNG does not depend on the DPI of the machine
 
 # Stand-in classes; properties of the Slicer classes unknown to them are dropped (kept: below).
-STAND_INS = {"qMRMLWidget": "QWidget", "ctkCollapsibleButton": "QGroupBox", "qMRMLNodeComboBox": "QComboBox",
-             "qMRMLTableView": "QTableWidget", "ctkDirectoryButton": "QPushButton"}
+# A ctkCollapsibleGroupBox is drawn expanded (its "collapsed" property is dropped), as after a click on its title.
+STAND_INS = {"qMRMLWidget": "QWidget", "ctkCollapsibleButton": "QGroupBox", "ctkCollapsibleGroupBox": "QGroupBox",
+             "qMRMLNodeComboBox": "QComboBox", "qMRMLTableView": "QTableWidget", "ctkDirectoryButton": "QPushButton"}
 KEEP = {"toolTip", "geometry", "minimumSize", "selectionBehavior", "enabled"}
+KEEP_FOR = {"ctkCollapsibleGroupBox": {"title"}}  # what a stand-in keeps beyond KEEP
 NODE_NAMES = {"inputVolumeSelector": "demo_t1", "brainMaskSelector": "Template brain mask (default)",
-              "resultSelector": "demo_t1 anomalies (dae-t1)"}
+              "resultSelector": "demo_t1 anomalies (ddpm-t1)"}
+# The diffusion model's settings as its card gives them (the group is shown for diffusion models only).
+DIFFUSION = {"noiseLevelSpinBox": 250, "diffusionStepsSpinBox": 10, "samplesSpinBox": 1}
+DIFFUSION_NOISE = "coarse"
 LESIONS = [  # ID, Volume (mL), Max score, Mean score, R, A, S, Status
     ("1", "7.10", "0.912", "0.384", "-31", "-8", "22", "kept"),
     ("2", "0.21", "0.268", "0.221", "-15", "-25", "35", "rejected"),
@@ -81,7 +86,8 @@ def convert_ui(text: str) -> bytes:
             for p in w.findall("property"):
                 if p.get("name") == "text" and cls == "ctkCollapsibleButton":
                     p.set("name", "title")  # the collapsible button's text becomes the group title
-                elif p.get("name") not in KEEP and p.get("stdset") != "0":
+                elif (p.get("name") not in KEEP | KEEP_FOR.get(cls, set())
+                      and p.get("stdset") != "0"):
                     w.remove(p)
     return ET.tostring(root, encoding="utf-8")
 
@@ -95,16 +101,22 @@ def _set_slider(panel: QtWidgets.QWidget, name: str, value: float) -> None:
 
 
 def fill_example(panel: QtWidgets.QWidget) -> None:
-    """Example state: the demo case analysed with the bundled T1 model, one lesion kept."""
+    """Example state: the demo case analysed with a T1 diffusion model (so the diffusion settings are
+    shown, at its card's values; one sample, so no uncertainty map), one lesion kept."""
     def find(cls: type[W], name: str) -> W:
         return panel.findChild(cls, name)
 
     for name, text in NODE_NAMES.items():
         find(QtWidgets.QComboBox, name).addItem(text)
-    find(QtWidgets.QComboBox, "modelSelector").addItems(["dae-t1 (dae, T1)", "intensity-t1 (intensity, T1)"])
+    find(QtWidgets.QComboBox, "modelSelector").addItems(
+        ["ddpm-t1 (ddpm, T1)", "dae-t1 (dae, T1)", "intensity-t1 (intensity, T1)"])
     find(QtWidgets.QLabel, "modelCardLabel").setText(
-        "<b>Denoising autoencoder</b>, T1w; trained on 200 augmented healthy brains from MNI/ICBM "
+        "<b>Denoising diffusion model</b>, T1w; trained on 200 augmented healthy brains from MNI/ICBM "
         "templates; licence: MNI notice (see README, Data and licences)")
+    for name, value in DIFFUSION.items():
+        find(QtWidgets.QSpinBox, name).setValue(value)
+    find(QtWidgets.QComboBox, "diffusionNoiseComboBox").setCurrentText(DIFFUSION_NOISE)
+    find(QtWidgets.QCheckBox, "showUncertaintyCheckBox").setEnabled(False)  # one sample: no uncertainty map
     find(QtWidgets.QLabel, "deviceInfoLabel").setText("Detected: CPU only")
     find(QtWidgets.QFrame, "dependenciesFrame").hide()  # PyTorch and MONAI already installed
     find(QtWidgets.QPushButton, "applyButton").setEnabled(True)
@@ -181,6 +193,13 @@ def render(ui_file: Path, output: Path) -> QtCore.QSize:
     for label in window.findChildren(QtWidgets.QLabel):
         if label.wordWrap() and label.isVisible():
             label.setFixedHeight(label.heightForWidth(label.width()))
+    # The window's minimum size ignores heights for width: a section holding a group box (the
+    # diffusion settings) would be squeezed. Pin every section to its height at this width too.
+    app.processEvents()
+    for box in panel.findChildren(QtWidgets.QGroupBox):
+        if box.parentWidget() is panel:
+            box.setFixedHeight(box.heightForWidth(box.width()) if box.hasHeightForWidth()
+                               else box.sizeHint().height())
     window.resize(WIDTH, window.minimumSizeHint().height())
     app.processEvents()
     image = window.grab()

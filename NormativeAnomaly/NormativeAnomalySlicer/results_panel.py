@@ -63,11 +63,16 @@ class ResultsPanel:
         self.resetButton.connect("clicked()", self.onResetToThresholded)
         layout = ui.exportCollapsibleButton.layout()  # a QFormLayout in the .ui
         (layout.addRow if hasattr(layout, "addRow") else layout.addWidget)(self.resetButton)
-        ui.legendLabel.text = _(
+        self._anomalyLegend = _(
             "Overlay: anomaly score (colour bar in the views), transparent below the level exceeded by "
             "{percent:g}% of healthy voxels; yellow outline: the anomaly segment.").format(
             percent=100 * OVERLAY_FLOOR_FPR)
+        self._uncertaintyLegend = _(
+            "Overlay: uncertainty, the variance of the model's reconstructions (grey scale, brighter is less "
+            "certain); yellow outline: the anomaly segment.")
+        ui.legendLabel.text = self._anomalyLegend
         self._sliderToolTips = {slider.objectName: slider.toolTip for slider in self._settingSliders()}
+        self._uncertaintyToolTip = ui.showUncertaintyCheckBox.toolTip
         self._updateControls()
 
     def _settingSliders(self) -> tuple:
@@ -87,6 +92,7 @@ class ResultsPanel:
         """Show a result, load its saved threshold and minimum size into the parameter node."""
         self._updateTimer.stop()
         self.source, self.nodes, self.live, self._shownDisplay = segmentation, None, None, None
+        self.ui.legendLabel.text = self._anomalyLegend  # until showResult shows another overlay
         adopted, self._adopted = self._adopted, None
         if segmentation is not None:
             try:
@@ -103,6 +109,8 @@ class ResultsPanel:
             self._setThresholdRange(self.nodes)
             parameters.threshold = self.nodes.threshold
             parameters.minLesionMm3 = min(max(self.nodes.min_lesion_mm3, 0.0), MIN_LESION_MAX_MM3)
+            if self.nodes.uncertainty_map is None:
+                parameters.showUncertainty = False  # its check box is disabled: not left checked
             self.showResult()
         self._updateControls()
 
@@ -158,15 +166,17 @@ class ResultsPanel:
             self._applySettings()
 
     def showResult(self) -> None:
-        """Slice views: input, anomaly map or pseudo-healthy overlay (only when something changed,
-        so the user's own layer choices are not reset at every threshold step)."""
+        """Slice views: input, anomaly (or uncertainty) map or pseudo-healthy overlay (only when something
+        changed, so the user's own layer choices are not reset at every threshold step)."""
         parameters = self._parameterNode()
         if self.nodes is None or parameters is None:
             return
-        display = (self.nodes.segmentation.GetID(), parameters.overlayOpacity, parameters.fade)
+        uncertainty = bool(parameters.showUncertainty) and self.nodes.uncertainty_map is not None
+        display = (self.nodes.segmentation.GetID(), parameters.overlayOpacity, parameters.fade, uncertainty)
         if display != self._shownDisplay:
             self._shownDisplay = display
-            show_result(self.nodes, parameters.overlayOpacity, parameters.fade)
+            show_result(self.nodes, parameters.overlayOpacity, parameters.fade, show_uncertainty=uncertainty)
+            self.ui.legendLabel.text = self._uncertaintyLegend if uncertainty else self._anomalyLegend
 
     # Lesions -------------------------------------------------------------------------------------
 
@@ -307,6 +317,11 @@ class ResultsPanel:
             widget.enabled = hasResult
         for button in (self.ui.rejectLesionButton, self.ui.restoreLesionButton):
             button.enabled = hasResult and not frozen
+        hasUncertainty = hasResult and self.nodes.uncertainty_map is not None
+        self.ui.showUncertaintyCheckBox.enabled = hasUncertainty
+        self.ui.showUncertaintyCheckBox.toolTip = (
+            self._uncertaintyToolTip if hasUncertainty or not hasResult
+            else _("This result has no uncertainty map: run a diffusion model with more than 1 sample to get one."))
         self.resetButton.visible = frozen
         if hasResult:
             self._setFprLabel(self.nodes.calibration.fpr_for_threshold(self.nodes.threshold))

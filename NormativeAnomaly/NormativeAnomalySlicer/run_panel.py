@@ -13,6 +13,7 @@ import qt
 import slicer
 
 from .dependencies import DependencyProbe, deviceText, installDependencies, missingPackages
+from .model_cards import isDiffusionModel
 from .run_controller import RunFailedError, stageText
 
 try:
@@ -68,6 +69,20 @@ class RunPanel:
         for widget in (self.ui.inputVolumeSelector, self.ui.brainMaskSelector, self.ui.modelSelector,
                        self.ui.deviceSelector, self.ui.alreadyInTemplateSpaceCheckBox):
             widget.enabled = not self.running  # the run uses the values it started with
+        # The diffusion settings only apply to diffusion models: hidden for the others.
+        diffusion = bool(parameters) and self._isDiffusionModel(parameters.modelName)
+        self.ui.diffusionGroupBox.visible = diffusion
+        self.ui.diffusionGroupBox.enabled = diffusion and not self.running
+
+    def _isDiffusionModel(self, modelName: str) -> bool:
+        return isDiffusionModel(self.logic.modelCard(modelName))
+
+    def _diffusionSettings(self, parameters) -> Optional[dict]:
+        """The run's diffusion settings (as the panel shows them), for diffusion models only."""
+        if not self._isDiffusionModel(parameters.modelName):
+            return None
+        return {"noise_level": parameters.noiseLevel, "steps": parameters.diffusionSteps,
+                "samples": parameters.samples, "noise": parameters.diffusionNoise}
 
     # Dependencies --------------------------------------------------------------------------------
 
@@ -129,7 +144,8 @@ class RunPanel:
             return
         try:
             self.handle = self.logic.startRun(parameters.inputVolume, parameters.modelName, parameters.device,
-                                              parameters.alreadyInTemplateSpace, parameters.brainMask)
+                                              parameters.alreadyInTemplateSpace, parameters.brainMask,
+                                              diffusion=self._diffusionSettings(parameters))
         except (OSError, RuntimeError, ValueError) as error:
             message = _("Could not start the analysis: {error}").format(error=error)
             self._showStatus(message)
