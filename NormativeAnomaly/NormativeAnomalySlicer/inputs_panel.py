@@ -1,0 +1,89 @@
+"""The model selector of the "Inputs" section, its model card and the diffusion settings it loads.
+
+The model list is dynamic, so modelSelector is synchronised with the parameter node's modelName by
+hand (it has no SlicerParameterName); the other inputs are bound in the .ui. The widget calls
+``onParameterNodeModified`` on any parameter change.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import slicer
+
+from .model_cards import cardHtml, diffusionSettings
+
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # Slicer < 5.4
+    _ = str
+
+
+class InputsPanel:
+    def __init__(self, ui: Any, logic: Any, parameterNode: Callable[[], Any],
+                 showStatus: Callable[[str], None]) -> None:
+        self.ui = ui
+        self.logic = logic
+        self._parameterNode = parameterNode  # returns the widget's current parameter node wrapper, or None
+        self._showStatus = showStatus
+        ui.modelSelector.connect("currentIndexChanged(int)", self.onModelSelected)
+        self._populateModelSelector()
+
+    def onParameterNodeModified(self) -> None:
+        """Show the parameter node's model when it is not the one shown."""
+        parameters = self._parameterNode()
+        if parameters and self.ui.modelSelector.currentData != parameters.modelName:
+            self._syncModelSelector()
+
+    def _populateModelSelector(self) -> None:
+        """The registered models, the default one first (it is selected when the parameter node has none)."""
+        try:
+            for model in self.logic.availableModels():
+                label = f"{model['name']} ({model.get('family') or '?'}, {model.get('modality') or '?'})"
+                self.ui.modelSelector.addItem(label, model["name"])
+        except (OSError, ValueError, KeyError) as error:
+            logging.error(f"NormativeAnomaly: cannot list the models: {error}")
+            self._showStatus(_("Could not list the models: {error}").format(error=error))
+
+    def _syncModelSelector(self) -> None:
+        """Show the parameter node's model; use the default model if it is unset or unknown."""
+        index = max(self.ui.modelSelector.findData(self._parameterNode().modelName), 0)
+        if index < self.ui.modelSelector.count:
+            self.ui.modelSelector.currentIndex = index
+            self._setModel(self.ui.modelSelector.itemData(index))
+        self._showModelCard()
+
+    def onModelSelected(self, index: int) -> None:
+        if self._parameterNode() and index >= 0:
+            self._setModel(self.ui.modelSelector.itemData(index))
+        self._showModelCard()
+
+    def _setModel(self, modelName: str) -> None:
+        """Store the model in the parameter node. When it changes to a diffusion model, its card's
+        settings become the diffusion settings shown (the user may then change them); when it is
+        the same model (the selector following the parameter node), the stored settings are kept."""
+        parameters = self._parameterNode()
+        if parameters.modelName == modelName:
+            return
+        settings = diffusionSettings(self.logic.modelCard(modelName))
+        with slicer.util.NodeModify(parameters):  # one Modified event for the whole change
+            parameters.modelName = modelName
+            if settings is not None:
+                self._loadDiffusionSettings(parameters, settings)
+
+    def _loadDiffusionSettings(self, parameters: Any, settings: dict[str, Any]) -> None:
+        """A card's settings into the parameter node, within the ranges of the spin boxes."""
+        for field, key, spinBox in (("noiseLevel", "noise_level", self.ui.noiseLevelSpinBox),
+                                    ("diffusionSteps", "steps", self.ui.diffusionStepsSpinBox),
+                                    ("samples", "samples", self.ui.samplesSpinBox)):
+            try:
+                value = int(settings[key])
+            except (KeyError, TypeError, ValueError):
+                continue
+            setattr(parameters, field, min(max(value, spinBox.minimum), spinBox.maximum))
+        if settings.get("noise") in ("gaussian", "coarse"):
+            parameters.diffusionNoise = settings["noise"]
+
+    def _showModelCard(self) -> None:
+        self.ui.modelCardLabel.text = cardHtml(self.logic.modelCard(self.ui.modelSelector.currentData))
