@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
 # Rebuild everything the shipped models derive from, from a fresh clone, then the evaluation:
-# fetch the real anatomies, build the healthy population, retrain the DAE, recalibrate the
-# baseline, install both into Resources/Models, rebuild the test set and the evaluation table.
-# About an hour on 2 CPU cores (most of it training). Uses the same .venv as scripts/test.sh.
+# fetch the real anatomies, build the healthy T1 and T2 populations, train every model of the
+# zoo, recalibrate the baseline, install the packages into Resources/Models, rebuild the test
+# sets and the evaluation tables. About four hours on 2 CPU cores (most of it training: see
+# each config's "steps" and the README's model table); much less on a GPU ("device": "cuda"
+# in the configs). Uses the same .venv as scripts/test.sh.
 #   scripts/rebuild_models.sh
+set -e
 source "$(dirname "$0")/_environment.sh" requirements.txt
 python scripts/fetch_data.py
+python scripts/build_resources.py --only template,template_t2
 python scripts/build_population.py
-python scripts/train.py scripts/configs/dae_t1.json --overwrite
-rm -rf Resources/Models/dae-t1 && cp -r out/models/dae-t1 Resources/Models/dae-t1
+python scripts/build_population.py --modality T2
+T1_MODELS="dae-t1 ae-t1 vae-t1 gan-t1 ddpm-t1 ae3d-t1"
+for name in $T1_MODELS dae-t2; do
+  config="scripts/configs/${name//-/_}.json"
+  python scripts/train.py "$config" --overwrite
+  rm -rf "Resources/Models/$name" && cp -r "out/models/$name" "Resources/Models/$name"
+done
 python scripts/build_resources.py --only intensity
 python scripts/make_test_set.py
-python scripts/evaluate.py --data data/testset --models intensity-t1 dae-t1 --out docs/evaluation
+python scripts/make_test_set.py --modality T2
+python scripts/evaluate.py --data data/testset --models intensity-t1 $T1_MODELS --out docs/evaluation
+python scripts/evaluate.py --data data/testset_t2 --models dae-t2 --out docs/evaluation/t2
