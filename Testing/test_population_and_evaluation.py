@@ -154,9 +154,13 @@ def test_evaluation_script_compares_models_on_shared_registrations(tmp_path, dem
     monkeypatch.setattr(evaluate, "register_to_template",
                         lambda *args, **kwargs: calls.append(1) or real_register(*args, **kwargs))
     out = tmp_path / "evaluation"
-    assert evaluate.main(["--data", str(data), "--models", "intensity-t1", str(trained_dae.path),
-                          "--out", str(out)]) == 0
+    arguments = ["--data", str(data), "--models", "intensity-t1", str(trained_dae.path), "--out", str(out),
+                 "--cache", str(tmp_path / "cache")]
+    assert evaluate.main(arguments) == 0
     assert len(calls) == 2  # two cases, not two cases x two models
+    first = (out / "results.json").read_text()
+    assert evaluate.main(arguments) == 0  # everything from the cache: no registration, same table
+    assert len(calls) == 2 and (out / "results.json").read_text() == first
     results = json.loads((out / "results.json").read_text())
     assert [r["model"] for r in results] == ["intensity-t1", trained_dae.name]
     for result in results:

@@ -177,12 +177,53 @@ def figure(results: list[dict], cases: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _cache_folder(root: Path, model: str, cases: list[dict], shown: list[str]) -> Path:
+    """A folder named after what the results depend on: the package's card and weights, the
+    cases' files and the figure's cases."""
+    import hashlib
+
+    package = resolve_model(model)
+    digest = hashlib.sha256(json.dumps(package.card, sort_keys=True).encode())
+    for case in cases:
+        for path in (case["image"], case["mask"]):
+            if path is not None:
+                digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+    digest.update(",".join(shown).encode())
+    return root / f"{package.name}-{digest.hexdigest()[:16]}"
+
+
+def save_cached(root: Path, model: str, cases: list[dict], shown: list[str], result: dict) -> None:
+    folder = _cache_folder(root, model, cases, shown)
+    folder.mkdir(parents=True, exist_ok=True)
+    for case, (healthy, scores, threshold) in result["maps"].items():
+        sitk.WriteImage(healthy, str(folder / f"{case}_pseudo_healthy.nii.gz"))
+        sitk.WriteImage(scores, str(folder / f"{case}_anomaly_map.nii.gz"))
+    entry = {k: v for k, v in result.items() if k != "maps"}
+    entry["map_thresholds"] = {case: maps[2] for case, maps in result["maps"].items()}
+    (folder / "result.json").write_text(json.dumps(entry, indent=2) + "\n")
+
+
+def load_cached(root: Path, model: str, cases: list[dict], shown: list[str]) -> dict | None:
+    folder = _cache_folder(root, model, cases, shown)
+    if not (folder / "result.json").is_file():
+        return None
+    result = json.loads((folder / "result.json").read_text())
+    thresholds = result.pop("map_thresholds")
+    result["maps"] = {case: (sitk.ReadImage(str(folder / f"{case}_pseudo_healthy.nii.gz")),
+                             sitk.ReadImage(str(folder / f"{case}_anomaly_map.nii.gz")), threshold)
+                      for case, threshold in thresholds.items()}
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--models", nargs="+", required=True, help="registered names or package folders")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--figure-cases", nargs="*", help="cases shown in the figure (default: one per type)")
+    parser.add_argument("--cache", type=Path, help="keep each model's results here and reuse them while the "
+                        "model's card and weights and the cases are unchanged (adding a model to the table "
+                        "then evaluates only that model)")
     args = parser.parse_args(argv)
     cases = find_cases(args.data)
     if not cases:
@@ -190,8 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     shown = args.figure_cases or list({c["type"]: c["case"] for c in reversed(cases)}.values())
     results, registrations = [], Registrations()
     for model in args.models:
+        cached = load_cached(args.cache, model, cases, shown) if args.cache else None
+        if cached is not None:
+            print(f"{model}: from the cache", flush=True)
+            results.append(cached)
+            continue
         print(f"{model}: {len(cases)} cases", flush=True)
         results.append(evaluate_model(model, cases, set(shown), registrations))
+        if args.cache:
+            save_cached(args.cache, model, cases, shown, results[-1])
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(results, cases)
     (args.out / "results.md").write_text(table)
