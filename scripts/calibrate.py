@@ -26,10 +26,11 @@ from NormativeAnomalyLib.training import calibrate, load_healthy  # noqa: E402
 
 
 def recalibrate(package_dir: Path, population: Path | None, volumes: list[str], description: str,
-                device: str = "cpu") -> None:
+                device: str = "cpu", limit: int | None = None) -> None:
     package = load_package(package_dir)
     config = {"calibration_population": str(population) if population else None, "calibration_volumes": volumes}
     healthy = load_healthy(config, "calibration", package.template, package.card["preprocessing"]["normalisation"])
+    healthy = healthy[:limit] if limit else healthy  # slow models (diffusion): fewer volumes
     calibration = calibrate(package, healthy, torch.device(device))
     card = dict(package.card, calibration={"data": description, "fpr": list(calibration.fpr),
                                            "threshold": list(calibration.threshold)})
@@ -45,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--volumes", nargs="*", default=[])
     parser.add_argument("--data", required=True, help="what the healthy data is (goes into the card)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--limit", type=int, help="use only the first N healthy volumes (for slow models)")
     args = parser.parse_args(argv)
     if not args.population and not args.volumes:
         parser.error("give --population or --volumes")
-    recalibrate(args.package, args.population, args.volumes, args.data, args.device)
+    recalibrate(args.package, args.population, args.volumes, args.data, args.device, args.limit)
     return 0
 
 

@@ -114,7 +114,10 @@ def train_model(config: dict[str, Any], progress: Callable[[int, float], None] |
     # Write uncalibrated first (a valid package), then calibrate with the very inference code users run.
     out = Path(config["out"])
     package = write_package(out, card, state_dict, overwrite=bool(config.get("overwrite", False)))
-    calibration = calibrate(package, load_healthy(config, "calibration", template, normalisation), device)
+    healthy = load_healthy(config, "calibration", template, normalisation)
+    if config.get("calibration_limit"):  # slow models (diffusion): the first N calibration volumes
+        healthy = healthy[:int(config["calibration_limit"])]
+    calibration = calibrate(package, healthy, device)
     card["calibration"].update(fpr=list(calibration.fpr), threshold=list(calibration.threshold))
     (out / "losses.json").write_text(json.dumps(losses))
     plot_losses(losses, out / "training_loss.png", config["name"])
