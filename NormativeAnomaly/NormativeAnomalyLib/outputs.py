@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import slicerio
 
 from . import __version__
 from .errors import OutputError
 from .pipeline import AnomalyResult
 from .report import write_report
-from .volume_io import write_image
+from .volume_io import ijk_to_lps, write_image
 
 OUTPUT_FILES = ("pseudo_healthy.nii.gz", "anomaly_map.nii.gz", "anomalies.seg.nrrd", "lesions.csv", "lesions.json",
                 "report.png", "run.json")
@@ -38,14 +37,6 @@ def check_output_folder(out_dir: Path, overwrite: bool) -> None:
         raise OutputError(f"{out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise OutputError(f"{out_dir} is not empty; choose another --out or pass --overwrite")
-
-
-def ijk_to_lps(image: sitk.Image) -> np.ndarray:
-    matrix = np.eye(4)
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    matrix[:3, :3] = direction @ np.diag(image.GetSpacing())
-    matrix[:3, 3] = image.GetOrigin()
-    return matrix
 
 
 def write_segmentation(path: Path, result: AnomalyResult) -> None:

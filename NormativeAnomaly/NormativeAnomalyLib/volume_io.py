@@ -130,6 +130,15 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image) -> sitk.Image:
     return mask
 
 
+def ijk_to_lps(image: sitk.Image) -> np.ndarray:
+    """The image's voxel-index -> physical (LPS) 4x4 matrix."""
+    matrix = np.eye(4)
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    matrix[:3, :3] = direction @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = image.GetOrigin()
+    return matrix
+
+
 def write_image(image: sitk.Image, path: str | os.PathLike, *, compress: bool = True) -> None:
     """Write ``image`` so that ``path`` holds either the old file or the complete new one."""
     path = Path(path)

@@ -13,6 +13,7 @@ import vtk
 from vtkmodules.util import numpy_support
 
 from ..errors import OutputError
+from ..volume_io import ijk_to_lps
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -24,10 +25,7 @@ def ijk_to_ras(node) -> np.ndarray:
 
 
 def image_ijk_to_ras(image: sitk.Image) -> np.ndarray:
-    matrix = np.eye(4)
-    matrix[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
-    matrix[:3, 3] = image.GetOrigin()
-    return LPS_TO_RAS @ matrix
+    return LPS_TO_RAS @ ijk_to_lps(image)
 
 
 def array_from_volume_node(node) -> np.ndarray:
