@@ -62,7 +62,7 @@ class NormativeAnomalyParameterNode:
     noiseLevel: Annotated[int, WithinRange(1, 1000)] = 250
     diffusionSteps: Annotated[int, WithinRange(1, 100)] = 10
     samples: Annotated[int, WithinRange(1, 32)] = 1
-    diffusionNoise: Annotated[str, Choice(["gaussian", "coarse"])] = "coarse"
+    diffusionNoise: Annotated[str, Choice(["gaussian", "simplex", "coarse"])] = "coarse"
     activeResult: Optional[vtkMRMLSegmentationNode]
     threshold: Annotated[float, WithinRange(0.0, 1.0e6)] = 0.0
     minLesionMm3: Annotated[float, WithinRange(0.0, 5000.0)] = 0.0
@@ -212,7 +212,7 @@ class NormativeAnomalyLogic(ScriptedLoadableModuleLogic):
         """Start the analysis in the background; returns a RunHandle to poll, finish or cancel.
 
         ``diffusion`` overrides a diffusion model's card settings for this run: any of noise_level,
-        steps, samples (more than 1 also gives an uncertainty map) and noise ("gaussian" or "coarse").
+        steps, samples (more than 1 also gives an uncertainty map) and noise ("gaussian", "simplex" or "coarse").
         It is only passed on for diffusion models (ignored, with a warning, for a registered model of
         another family; a model given by folder is left to the command-line tool to judge)."""
         from NormativeAnomalySlicer import run_controller

@@ -89,3 +89,43 @@ def sitk_from_array(values: np.ndarray, like: sitk.Image) -> sitk.Image:
     image = sitk.GetImageFromArray(values)
     image.CopyInformation(like)
     return image
+
+
+# --- The reliability record (docs/reliability.md) -------------------------------------------
+# A bad-input or fault test calls ``reliability_case(area, case, behaviour, lost_nothing=...)``
+# after its assertions. With ``--reliability-log FILE`` each recorded case is appended to FILE
+# as one JSON line with the test's outcome; scripts/reliability_report.py renders the table.
+
+def pytest_addoption(parser):
+    parser.addoption("--reliability-log", default=None,
+                     help="append each reliability case (bad input, fault) as a JSON line to this file")
+
+
+@pytest.fixture
+def reliability_case(request):
+    """record(area, case, behaviour, *, lost_nothing=True, ran_no_code=True): one table row.
+
+    ``behaviour`` is what the tool did, e.g. the error message it printed (quote the real one);
+    the flags state what the test checked: no user file changed, nothing executed.
+    """
+    rows = request.node.reliability_rows = []
+
+    def record(area: str, case: str, behaviour: str, *, lost_nothing: bool = True, ran_no_code: bool = True) -> None:
+        rows.append({"area": area, "case": case, "behaviour": " ".join(str(behaviour).split()),
+                     "lost_nothing": bool(lost_nothing), "ran_no_code": bool(ran_no_code)})
+    return record
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    log = item.config.getoption("--reliability-log")
+    rows = getattr(item, "reliability_rows", None)
+    if not log or not rows or report.when != "call":
+        return
+    import json
+
+    with open(log, "a", encoding="utf-8") as stream:
+        for row in rows:
+            stream.write(json.dumps(row | {"test": item.nodeid, "passed": report.passed}) + "\n")

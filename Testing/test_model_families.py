@@ -19,10 +19,11 @@ import SimpleITK as sitk
 import torch
 from conftest import micro_training_config
 
-from NormativeAnomalyLib.diffusion import settings_with, structured_noise
+from NormativeAnomalyLib.diffusion import NOISE_KINDS, settings_with, structured_noise
 from NormativeAnomalyLib.errors import NormativeAnomalyError
 from NormativeAnomalyLib.models import load_package
 from NormativeAnomalyLib.pipeline import RunOptions, detect_anomalies
+from NormativeAnomalyLib.simplex_noise import simplex3d, simplex_noise
 from NormativeAnomalyLib.training import train_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ TINY_NETWORKS = {
     "ddpm": {"network": {"name": "DiffusionModelUNet",
                          "args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 1, "channels": [8, 8],
                                   "attention_levels": [False, False], "num_res_blocks": 1, "norm_num_groups": 4}},
-             "diffusion": {"train_timesteps": 100, "noise_level": 20, "steps": 2, "samples": 1, "noise": "coarse"}},
+             "diffusion": {"train_timesteps": 100, "noise_level": 20, "steps": 2, "samples": 1, "noise": "simplex"}},
 }
 
 
@@ -132,13 +133,29 @@ def test_diffusion_options_are_refused_for_other_families(family_packages, real_
     assert not (tmp_path / "out").exists()
 
 
-def test_structured_noise_has_unit_variance_and_is_smooth_when_coarse():
+def test_structured_noise_has_unit_variance_and_is_smooth_unless_gaussian():
     generator = torch.Generator().manual_seed(0)
-    for kind in ("gaussian", "coarse"):
+    for kind in NOISE_KINDS:
         noise = structured_noise((4, 1, 112, 96), kind, generator)
+        assert noise.shape == (4, 1, 112, 96)
         assert abs(float(noise.std()) - 1.0) < 0.05 and abs(float(noise.mean())) < 0.1
-    coarse = structured_noise((4, 1, 112, 96), "coarse", generator)
-    neighbour = float((coarse[..., 1:] - coarse[..., :-1]).abs().mean())
-    assert neighbour < 0.3  # white noise gives about 1.13
+        neighbour = float((noise[..., 1:] - noise[..., :-1]).abs().mean())
+        # white noise: about 1.13 (2/sqrt(pi)); simplex and coarse fields change slowly
+        assert (neighbour > 1.0) if kind == "gaussian" else (neighbour < 0.4), (kind, neighbour)
     with pytest.raises(ValueError, match="diffusion steps"):
         settings_with({"noise_level": 5}, {"steps": 6})
+    with pytest.raises(ValueError, match="unknown diffusion noise"):
+        structured_noise((1, 1, 16, 16), "perlin")
+
+
+def test_simplex_noise_is_bounded_continuous_and_seeded():
+    generator = torch.Generator().manual_seed(3)
+    permutation = torch.randperm(256, generator=generator)
+    points = torch.rand(50_000, 3, generator=generator) * 40
+    values = simplex3d(points, permutation)
+    assert float(values.abs().max()) <= 1.0 and float(values.std()) > 0.2
+    assert float((simplex3d(points + 1e-3, permutation) - values).abs().max()) < 0.05  # no jumps
+    assert not torch.equal(values, simplex3d(points, torch.randperm(256, generator=generator)))
+    first = simplex_noise((2, 1, 24, 20, 16), torch.Generator().manual_seed(5))
+    again = simplex_noise((2, 1, 24, 20, 16), torch.Generator().manual_seed(5))
+    assert torch.equal(first, again) and not torch.equal(first[0], first[1])  # seeded; each sample its own

@@ -7,10 +7,11 @@ one step from the network's x0 prediction (``steps``: 1). The result is the pseu
 reconstruction. Each run draws new noise, so several ``samples`` give a mean reconstruction
 and a per-voxel variance: an uncertainty map.
 
-Noise: "gaussian" (white) or "coarse" (a Gaussian field drawn at 1/8 resolution and
-upsampled, rescaled to unit variance per voxel): low-frequency noise hides large lesions
-better than white noise, the reason AnoDDPM uses simplex noise; "coarse" is this project's
-cheaper stand-in for simplex noise, used in training and inference alike.
+Noise: "gaussian" (white), "simplex" (multi-octave simplex noise, as AnoDDPM: low
+frequencies hide large lesions better than white noise; ``simplex_noise``) or "coarse" (a
+Gaussian field drawn at 1/8 resolution and upsampled: a cheaper, blockier stand-in for simplex
+noise). A model is run with the noise it was trained with (its card's); another kind is allowed
+as an experiment.
 
 Settings live in the card (``inference.diffusion``) and can be overridden per run.
 """
@@ -22,10 +23,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .simplex_noise import simplex_noise
+
 DEFAULT_DIFFUSION: dict[str, Any] = {
     "train_timesteps": 1000, "schedule": "linear_beta", "beta_start": 1e-4, "beta_end": 2e-2,
     "noise": "gaussian", "noise_level": 250, "steps": 10, "samples": 1,
 }
+NOISE_KINDS = ("gaussian", "simplex", "coarse")
 # Model inputs are normalised to [0, 1.5] (background 0); diffusion works on [-1, 1].
 INPUT_RANGE = (0.0, 1.5)
 
@@ -42,11 +46,13 @@ def from_diffusion_range(x: torch.Tensor) -> torch.Tensor:
 
 def structured_noise(shape: tuple[int, ...], kind: str, generator: torch.Generator | None = None,
                      device: torch.device | str = "cpu") -> torch.Tensor:
-    """Unit-variance noise of ``shape`` (n, c, *spatial): white, or a smooth coarse field."""
+    """Unit-variance noise of ``shape`` (n, c, *spatial): white, simplex, or a smooth coarse field."""
     if kind == "gaussian":
         return torch.randn(shape, generator=generator).to(device)
+    if kind == "simplex":
+        return simplex_noise(shape, generator).to(device)
     if kind != "coarse":
-        raise ValueError(f"unknown diffusion noise {kind!r}; use 'gaussian' or 'coarse'")
+        raise ValueError(f"unknown diffusion noise {kind!r}; use one of {', '.join(NOISE_KINDS)}")
     spatial = shape[2:]
     low = torch.randn((*shape[:2], *(max(2, s // 8) for s in spatial)), generator=generator)
     mode = "bilinear" if len(spatial) == 2 else "trilinear"

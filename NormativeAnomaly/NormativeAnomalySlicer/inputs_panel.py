@@ -13,6 +13,7 @@ from typing import Any, Callable
 import slicer
 
 from .model_cards import cardHtml, diffusionSettings
+from .run_controller import DIFFUSION_NOISE_KINDS
 
 try:
     from slicer.i18n import tr as _
@@ -82,7 +83,7 @@ class InputsPanel:
             except (KeyError, TypeError, ValueError):
                 continue
             setattr(parameters, field, min(max(value, spinBox.minimum), spinBox.maximum))
-        if settings.get("noise") in ("gaussian", "coarse"):
+        if settings.get("noise") in DIFFUSION_NOISE_KINDS:
             parameters.diffusionNoise = settings["noise"]
 
     def _showModelCard(self) -> None:

@@ -30,7 +30,7 @@ INPUT_FILE = "input.nrrd"  # the temporary copy of the input volume
 # A diffusion model's settings (the card's inference.diffusion keys) and the CLI options overriding them.
 DIFFUSION_OPTIONS = {"noise_level": "--noise-level", "steps": "--diffusion-steps", "samples": "--samples",
                      "noise": "--diffusion-noise"}
-DIFFUSION_NOISE_KINDS = ("gaussian", "coarse")
+DIFFUSION_NOISE_KINDS = ("gaussian", "simplex", "coarse")  # the card schema's inference.diffusion.noise
 
 
 def stageText(stage: str) -> str:
