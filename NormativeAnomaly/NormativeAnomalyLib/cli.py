@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list the bundled model packages")
     models.add_argument("--json", action="store_true", help="machine-readable list")
+    install = models.add_subparsers(dest="models_command").add_parser(
+        "install", help="check a package archive (.zip, .tar, .tar.gz, .tgz) and install it for --model NAME")
+    install.add_argument("archive", type=Path)
+    install.add_argument("--models-dir", type=Path, help="install here (default: $NORMATIVE_ANOMALY_MODELS or "
+                         "~/.local/share/normative-anomaly/models)")
+    install.add_argument("--overwrite", action="store_true", help="replace an installed package of the same name")
     return parser
 
 
@@ -168,6 +174,15 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _install(args: argparse.Namespace) -> int:
+    from .models.archive import install_package
+    from .resources import user_models_dir
+
+    folder = install_package(args.archive, args.models_dir or user_models_dir(), overwrite=args.overwrite)
+    print(f"installed model '{folder.name}' in {folder}")
+    return 0
+
+
 def _print_summary(summary: dict[str, Any], out: Path, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
@@ -208,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     try:
+        if args.command == "models" and args.models_command == "install":
+            return _install(args)
         if args.command == "models":
             return _models(args)
         if args.command == "demo":

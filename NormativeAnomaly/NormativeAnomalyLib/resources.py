@@ -3,6 +3,9 @@
 In a source checkout they are in the repository's top-level ``Resources/``; in an
 installed Slicer extension CMake copies them next to the module (``<module>/Resources``).
 ``NORMATIVE_ANOMALY_RESOURCES`` overrides both.
+
+Packages a user installs (``normative-anomaly models install``) go to a per-user folder
+instead, since the installed resources may be read-only and are replaced on upgrade.
 """
 
 from __future__ import annotations
@@ -33,3 +36,13 @@ def templates_dir() -> Path:
 
 def sample_data_dir() -> Path:
     return resources_dir() / "SampleData"
+
+
+def user_models_dir() -> Path:
+    """Where installed model packages live: ``NORMATIVE_ANOMALY_MODELS``, else
+    ``$XDG_DATA_HOME/normative-anomaly/models`` (``~/.local/share/...`` by default)."""
+    override = os.environ.get("NORMATIVE_ANOMALY_MODELS")
+    if override:
+        return Path(override).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data_home) / "normative-anomaly" / "models"

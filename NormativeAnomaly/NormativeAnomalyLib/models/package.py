@@ -2,13 +2,16 @@
 
 Loading validates the card against ``model_card.schema.json``, checks the weights'
 SHA-256 before parsing them, and parses them with safetensors, which holds tensors only:
-a model file can never run code here.
+a model file can never run code here. Packages may come from strangers, so every file is
+read from inside the package folder only (no symlink out of it), and a network is sized
+against its weights before memory is spent on it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +28,7 @@ if TYPE_CHECKING:  # torch is imported only to load weights: listing models (Sli
 CARD_FILE = "model.json"
 MAX_CARD_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 2 << 30
+MAX_CARD_DEPTH = 32  # the schema needs 5 levels; deeper JSON only exhausts recursion
 
 
 @lru_cache(maxsize=1)
@@ -58,6 +62,7 @@ class ModelPackage:
             return None
         from .networks import build_network
 
+        self._check_weights_fit()
         network = build_network(self.card["network"])
         try:
             network.load_state_dict(self.state_dict, strict=True)
@@ -66,11 +71,46 @@ class ModelPackage:
             raise ModelPackageError(f"model '{self.name}': weights do not fit its network ({first})") from None
         return network.eval()
 
+    def _check_weights_fit(self) -> None:
+        """Build the network on the meta device (no memory) and compare its tensors with the weights,
+        so that a card asking for a huge network, or arguments its constructor chokes on, fails
+        cleanly before anything is allocated."""
+        import torch
+
+        from .networks import build_network
+
+        try:
+            with torch.device("meta"):
+                skeleton = build_network(self.card["network"])
+            expected = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
+        except ModelPackageError as error:  # kept to one line: the constructor's own message may not be
+            raise ModelPackageError(" ".join(str(error).split())) from None
+        except Exception as error:  # the arguments are a stranger's data: any constructor failure is the card's fault
+            detail = " ".join(str(error).split())[:200]
+            raise ModelPackageError(f"model '{self.name}': its network cannot be built from the card's arguments "
+                                    f"({type(error).__name__}: {detail})") from None
+        problem = _first_mismatch(expected, {key: tuple(value.shape) for key, value in self.state_dict.items()})
+        if problem:
+            raise ModelPackageError(f"model '{self.name}': weights do not fit its network ({problem[:300]})")
+
+
+def _first_mismatch(expected: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]]) -> str | None:
+    """The first difference between the tensors a network has and those the weights hold, in words."""
+    for key in sorted(expected.keys() - given.keys()):
+        return f"missing tensor {key}"
+    for key in sorted(given.keys() - expected.keys()):
+        return f"unexpected tensor {key}"
+    for key, shape in expected.items():
+        if given[key] != shape:
+            return f"{key} has shape {list(given[key])}, the network wants {list(shape)}"
+    return None
+
 
 def validate_card(card: Any, source: str = "card") -> dict[str, Any]:
     """Schema and consistency checks; raises ModelPackageError with the first problem."""
     import jsonschema  # here, not at module level: Slicer's process lists models without it
 
+    _check_plain_json(card, source)
     validator = jsonschema.Draft202012Validator(_card_schema())
     # best_match descends into oneOf alternatives, so the message names the offending field.
     error = jsonschema.exceptions.best_match(validator.iter_errors(card))
@@ -96,18 +136,48 @@ def validate_card(card: Any, source: str = "card") -> dict[str, Any]:
     return card
 
 
+def _check_plain_json(value: Any, source: str) -> None:
+    """Refuse what JSON schema checks let through: NaN and infinities (Python's json reads them;
+    ``minimum`` comparisons with NaN are all false, so a NaN threshold would pass), and nesting
+    deep enough to exhaust recursion in the validator. Iterative, so it cannot overflow itself."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_CARD_DEPTH:
+            raise ModelPackageError(f"{source}: nested more than {MAX_CARD_DEPTH} levels deep; not a model card")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ModelPackageError(f"{source}: holds {item}, which is not a finite number")
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((child, depth + 1) for child in item)
+
+
+def _package_file(package: Path, name: str) -> Path:
+    """``package / name``, refused if it resolves outside the package folder (a symlink out of it):
+    a stranger's package must not make us read, or hash-compare, any other file of the user."""
+    path = package / name
+    if path.is_symlink() and not path.resolve().is_relative_to(package.resolve()):
+        raise ModelPackageError(f"{path} is a link to a file outside its package folder; refusing it")
+    return path
+
+
 def read_card(path: str | os.PathLike) -> dict[str, Any]:
     """A package's validated card, without loading its weights (and without torch)."""
     path = Path(path)
-    card_path = path / CARD_FILE
+    card_path = _package_file(path, CARD_FILE)
     if not card_path.is_file():
         raise ModelPackageError(f"{path} is not a model package (no {CARD_FILE})")
-    if card_path.stat().st_size > MAX_CARD_BYTES:
+    with open(card_path, "rb") as stream:
+        text = stream.read(MAX_CARD_BYTES + 1)  # bounded, even if the file grows after a size check
+    if len(text) > MAX_CARD_BYTES:
         raise ModelPackageError(f"{card_path} is too large to be a model card")
     try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
+        card = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ModelPackageError(f"{card_path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ModelPackageError(f"{card_path}: nested too deeply; not a model card") from None
     return validate_card(card, str(card_path))
 
 
@@ -125,7 +195,7 @@ def load_package(path: str | os.PathLike) -> ModelPackage:
 
 
 def _load_weights(package: Path, card: dict[str, Any]) -> dict[str, torch.Tensor]:
-    weights_path = package / card["weights"]["file"]  # the schema allows a bare file name only
+    weights_path = _package_file(package, card["weights"]["file"])  # the schema allows a bare file name only
     if not weights_path.is_file():
         raise ModelPackageError(f"model '{card['name']}': weights file {weights_path.name} is missing")
     if weights_path.stat().st_size > MAX_WEIGHTS_BYTES:

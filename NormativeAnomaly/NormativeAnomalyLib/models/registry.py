@@ -1,6 +1,8 @@
 """The bundled model registry (``Resources/Models/registry.json``) and name resolution.
 
-``resolve_model`` accepts a registered name or the path of a user's own package folder.
+``resolve_model`` accepts a registered name, the name of a package installed in the user's
+models folder (``resources.user_models_dir``, see ``archive.install_package``), or the path
+of a package folder.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelPackageError
-from ..resources import models_dir
+from ..resources import models_dir, user_models_dir
 from .package import CARD_FILE, ModelPackage, load_package
 
 REGISTRY_FILE = "registry.json"
@@ -58,8 +60,20 @@ def default_model_name(root: Path | None = None) -> str:
     return _registry(root)["default"]
 
 
-def resolve_model(name_or_path: str | None = None, root: Path | None = None) -> ModelPackage:
-    """Load a registered package by name (the default when ``None``) or a package folder by path."""
+def installed_model_names(user_root: Path | None = None) -> list[str]:
+    """Names of the packages in the user's models folder: its sub-folders holding a card
+    (install_package names each folder after its card's ``name``)."""
+    root = user_root or user_models_dir()
+    if not root.is_dir():
+        return []
+    return sorted(folder.name for folder in root.iterdir()
+                  if not folder.name.startswith(".") and (folder / CARD_FILE).is_file())
+
+
+def resolve_model(name_or_path: str | None = None, root: Path | None = None,
+                  user_root: Path | None = None) -> ModelPackage:
+    """Load a package: a folder by path, else a registered name (the default when ``None``),
+    else the name of an installed package."""
     if name_or_path is None:
         name_or_path = default_model_name(root)
     candidate = Path(name_or_path).expanduser()
@@ -68,5 +82,8 @@ def resolve_model(name_or_path: str | None = None, root: Path | None = None) -> 
     for entry in available_models(root):
         if entry["name"] == name_or_path:
             return load_package(entry["path"])
-    names = ", ".join(entry["name"] for entry in available_models(root))
+    installed = installed_model_names(user_root)
+    if name_or_path in installed:
+        return load_package((user_root or user_models_dir()) / name_or_path)
+    names = ", ".join([entry["name"] for entry in available_models(root)] + installed)
     raise ModelPackageError(f"unknown model '{name_or_path}': not a package folder, and not one of: {names}")
