@@ -1,4 +1,4 @@
-"""``normative-anomaly``: the command-line front end (run, demo, models).
+"""``normative-anomaly``: the command-line front end (run, demo, batch, models).
 
 Errors the user can fix end with one line on stderr and a non-zero exit status; nothing
 the user had is overwritten unless ``--overwrite`` is given.
@@ -29,8 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def add_run_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty)")
+    def add_run_options(command: argparse.ArgumentParser, one_case: bool = True) -> None:
+        command.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty)"
+                             if one_case else "output folder: one folder per case and summary.csv; rerun to resume")
         command.add_argument("--model", help="registered model name or a package folder (default: the default model)")
         command.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
         command.add_argument("--threshold", type=float, help="anomaly-map threshold (default: calibrated, see --fpr)")
@@ -43,11 +44,13 @@ def _parser() -> argparse.ArgumentParser:
         diffusion.add_argument("--diffusion-steps", type=int, help="DDIM steps back to the image (1: one-step x0)")
         diffusion.add_argument("--samples", type=int, help="reconstructions averaged; >1 writes uncertainty_map")
         diffusion.add_argument("--diffusion-noise", choices=["gaussian", "coarse"], help="kind of noise")
-        command.add_argument("--overwrite", action="store_true", help="replace outputs in a non-empty --out")
+        if one_case:
+            command.add_argument("--overwrite", action="store_true", help="replace outputs in a non-empty --out")
         command.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
-        command.add_argument("--quiet", action="store_true", help="no progress bars")
-        command.add_argument("--progress-lines", action="store_true",
-                             help="machine-readable progress lines on stdout (for the Slicer and web front ends)")
+        command.add_argument("--quiet", action="store_true", help="no progress bars" if one_case else "no line per case")
+        if one_case:
+            command.add_argument("--progress-lines", action="store_true",
+                                 help="machine-readable progress lines on stdout (for the Slicer and web front ends)")
 
     run = commands.add_parser("run", help="detect anomalies in one volume")
     run.add_argument("input", type=Path, help="volume file (NIfTI, NRRD, MHA...) or DICOM series folder")
@@ -57,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run on the bundled demo case with the default model")
     add_run_options(demo)
+
+    batch = commands.add_parser("batch", help="run a cohort (a folder or a list of volumes); resumable; "
+                                "under torchrun the cases are shared between the workers")
+    batch.add_argument("cases", type=Path, help="folder of volumes, or a list file: one path per line, or a CSV "
+                       "with a 'path' column and optionally a 'case_id' column")
+    batch.add_argument("--registered", action="store_true", help="inputs are already in the model's template space")
+    add_run_options(batch, one_case=False)
 
     models = commands.add_parser("models", help="list the bundled model packages")
     models.add_argument("--json", action="store_true", help="machine-readable list")
@@ -102,45 +112,99 @@ def _run(args: argparse.Namespace, input_path: Path, extra: dict[str, Any]) -> d
     # Heavy imports only once the arguments are known to be good, so --help and errors are quick.
     from .models import resolve_model
     from .outputs import check_output_folder, write_outputs
-    from .pipeline import RunOptions, detect_anomalies
+    from .pipeline import detect_anomalies
     from .progress import Monitor
     from .volume_io import read_mask, read_volume
 
-    if args.batch_size is not None and args.batch_size < 1:
-        raise NormativeAnomalyError("--batch-size must be at least 1")
-    if args.min_lesion_mm3 is not None and args.min_lesion_mm3 < 0:
-        raise NormativeAnomalyError("--min-lesion-mm3 must not be negative")
+    _check_numbers(args)
     check_output_folder(args.out, args.overwrite)
     package = resolve_model(args.model)
-    diffusion_options = {"--noise-level": args.noise_level, "--diffusion-steps": args.diffusion_steps,
-                         "--samples": args.samples, "--diffusion-noise": args.diffusion_noise}
-    given = [flag for flag, value in diffusion_options.items() if value is not None]
-    if given and package.family != "ddpm":
-        raise NormativeAnomalyError(f"{', '.join(given)}: only for diffusion models; '{package.name}' is a "
-                                    f"{package.family} model")
+    _check_diffusion_options(args, package)
     image = read_volume(input_path)
     mask = read_mask(args.mask, image) if getattr(args, "mask", None) else None
-    options = RunOptions(device=args.device, registered=getattr(args, "registered", False), brain_mask=mask,
-                         threshold=args.threshold, fpr=args.fpr, min_lesion_mm3=args.min_lesion_mm3,
-                         bias_correction=args.n4, batch_size=args.batch_size,
-                         diffusion={"noise_level": args.noise_level, "steps": args.diffusion_steps,
-                                    "samples": args.samples, "noise": args.diffusion_noise})
+    options = _run_options(args, mask)
     progress = _Progress(enabled=not (args.quiet or args.json), lines=args.progress_lines)
     try:
         result = detect_anomalies(image, package, options, Monitor(progress=progress, cancel=_cancel_requested.is_set))
     finally:
         progress.close()
     progress("writing", 0.0)
-    settings = {"input": str(input_path), "model": args.model or package.name, "device": args.device,
-                "registered": options.registered, "mask": str(args.mask) if getattr(args, "mask", None) else None,
-                "threshold": args.threshold, "fpr": args.fpr, "min_lesion_mm3": args.min_lesion_mm3,
-                "n4": bool(args.n4), "batch_size": args.batch_size, "noise_level": args.noise_level,
-                "diffusion_steps": args.diffusion_steps, "samples": args.samples, "diffusion_noise": args.diffusion_noise}
+    settings = _run_settings(args, package, options, input_path)
     if "truth" in extra:
         extra = {"demo_dice": _dice(result.segmentation.mask, extra.pop("truth"))} | extra
     summary = write_outputs(result, args.out, settings, overwrite=args.overwrite, extra_summary=extra)
     progress("writing", 1.0)
     return summary
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Option values that are wrong whatever the model: refused before anything is loaded."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise NormativeAnomalyError("--batch-size must be at least 1")
+    if args.min_lesion_mm3 is not None and args.min_lesion_mm3 < 0:
+        raise NormativeAnomalyError("--min-lesion-mm3 must not be negative")
+
+
+def _check_diffusion_options(args: argparse.Namespace, package) -> None:
+    diffusion_options = {"--noise-level": args.noise_level, "--diffusion-steps": args.diffusion_steps,
+                         "--samples": args.samples, "--diffusion-noise": args.diffusion_noise}
+    given = [flag for flag, value in diffusion_options.items() if value is not None]
+    if given and package.family != "ddpm":
+        raise NormativeAnomalyError(f"{', '.join(given)}: only for diffusion models; '{package.name}' is a "
+                                    f"{package.family} model")
+
+
+def _run_options(args: argparse.Namespace, mask=None):
+    """The pipeline's RunOptions from the options shared by run, demo and batch."""
+    from .pipeline import RunOptions
+
+    return RunOptions(device=args.device, registered=getattr(args, "registered", False), brain_mask=mask,
+                      threshold=args.threshold, fpr=args.fpr, min_lesion_mm3=args.min_lesion_mm3,
+                      bias_correction=args.n4, batch_size=args.batch_size,
+                      diffusion={"noise_level": args.noise_level, "steps": args.diffusion_steps,
+                                 "samples": args.samples, "noise": args.diffusion_noise})
+
+
+def _run_settings(args: argparse.Namespace, package, options, input_path: Path | None) -> dict[str, Any]:
+    """The settings recorded in run.json (batch compares them on resume)."""
+    return {"input": str(input_path) if input_path is not None else None, "model": args.model or package.name,
+            "device": args.device, "registered": options.registered,
+            "mask": str(args.mask) if getattr(args, "mask", None) else None,
+            "threshold": args.threshold, "fpr": args.fpr, "min_lesion_mm3": args.min_lesion_mm3,
+            "n4": bool(args.n4), "batch_size": args.batch_size, "noise_level": args.noise_level,
+            "diffusion_steps": args.diffusion_steps, "samples": args.samples, "diffusion_noise": args.diffusion_noise}
+
+
+def _batch(args: argparse.Namespace) -> int:
+    """This worker's share of the cohort; worker 0 (the only one without torchrun) prints the summary."""
+    from .batch import FAILED, OK, SKIPPED, read_cases, run_batch, start_worker, stop_worker
+    from .models import resolve_model
+
+    _check_numbers(args)
+    cases = read_cases(args.cases, exclude=[args.out])
+    worker = start_worker(args.device)
+    try:
+        package = resolve_model(args.model)  # once per worker, for every case
+        _check_diffusion_options(args, package)
+        options = _run_options(args)
+        quiet = args.quiet or args.json
+        result = run_batch(cases, args.out, package, options, _run_settings(args, package, options, None), worker,
+                           cancel=_cancel_requested.is_set, on_case=None if quiet else lambda line: print(line, flush=True),
+                           reraise_internal=args.debug)
+    finally:
+        stop_worker(worker)
+    if result.summary is None:  # not worker 0: worker 0 reports for all
+        return 0
+    failed = result.count(FAILED)
+    if args.json:
+        print(json.dumps({"summary": str(result.summary), "cases": result.rows}, indent=2, default=str))
+    else:
+        print(f"{len(result.rows)} case(s) on {worker.world_size} worker(s) in {result.seconds:.1f} s: "
+              f"{result.count(OK)} ok, {result.count(SKIPPED)} already finished, {failed} failed")
+        print(f"summary in {result.summary}")
+    # 0 once every case was tried, failed ones included (they are in the summary): a non-zero
+    # exit would make torchrun treat the launch as failed, and restart it with --max-restarts.
+    return 0
 
 
 def _dice(predicted, truth_path: Path) -> float | None:
@@ -227,6 +291,8 @@ def _main(args: argparse.Namespace) -> int:
             return _install(args)
         if args.command == "models":
             return _models(args)
+        if args.command == "batch":
+            return _batch(args)
         if args.command == "demo":
             from .resources import sample_data_dir
 
