@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         diffusion.add_argument("--noise-level", type=int, help="forward steps of noise before denoising")
         diffusion.add_argument("--diffusion-steps", type=int, help="DDIM steps back to the image (1: one-step x0)")
         diffusion.add_argument("--samples", type=int, help="reconstructions averaged; >1 writes uncertainty_map")
-        diffusion.add_argument("--diffusion-noise", choices=["gaussian", "coarse"], help="kind of noise")
+        diffusion.add_argument("--diffusion-noise", choices=["gaussian", "simplex", "coarse"], help="kind of noise")
         if one_case:
             command.add_argument("--overwrite", action="store_true", help="replace outputs in a non-empty --out")
         command.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
