@@ -2,45 +2,88 @@
 
 2D models run slice by slice (axial slices of the template grid) in batches, 3D models on
 the whole volume. Diffusion models noise and denoise (``diffusion``), optionally several
-times for an uncertainty map. The device is chosen automatically (CUDA, then MPS, then CPU) unless
-forced; on a GPU the pass runs under autocast (bf16 where supported, else fp16). Progress
-is reported and cancellation checked between batches.
+times for an uncertainty map. Progress is reported and cancellation checked between batches.
+
+Device and precision (``device``): CUDA, then MPS, then the CPU unless forced; ``precision``
+"auto" runs a GPU under autocast (bf16 where supported, else fp16) and the CPU in fp32.
+On CUDA, when no batch size is given, the first batch (the card's size) measures its peak
+memory and the rest run in batches sized to half the memory left. A batch that runs out of
+memory is retried, same slices, at half the size; still out of memory one slice at a time,
+the work moves to the CPU and goes on. Each such fallback is one line for the user
+(``Monitor.notice``) and is kept in the result's ``DeviceUse`` for run.json.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from .device import (autocast, batch_size_from_memory, device_label, is_out_of_memory, peak_since,
+                     release_cached_memory, resolve_precision, start_peak_measurement, to_device, usable_memory)
 from .diffusion import reconstruct_batch, settings_with
 from .errors import NormativeAnomalyError
 from .models.package import ModelPackage
 from .progress import Monitor
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
+NetworkPass = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
 
-def select_device(requested: str = "auto") -> torch.device:
-    if requested not in DEVICES:
-        raise NormativeAnomalyError(f"unknown device '{requested}'; use one of {', '.join(DEVICES)}")
-    cuda, mps = torch.cuda.is_available(), bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
-    if requested == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if (requested == "cuda" and not cuda) or (requested == "mps" and not mps):
-        raise NormativeAnomalyError(f"device '{requested}' was asked for but is not available here; use --device cpu")
-    return torch.device(requested)
+@dataclass
+class DeviceUse:
+    """How inference ran: the device that finished it, its precision and batch size, and the
+    fallbacks on the way (one line each), so run.json states what really happened."""
+
+    device: str
+    precision: str
+    batch_size: int | None = None  # slices per batch at the end (2D models); None for 3D and the baseline
+    notices: list[str] = field(default_factory=list)
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    if device.type == "mps":
-        return torch.autocast("mps", dtype=torch.float16)
-    return nullcontext()
+@dataclass
+class Inference:
+    reconstruction: np.ndarray | None  # None for the intensity baseline
+    variance: np.ndarray | None  # diffusion models with samples > 1, else None
+    use: DeviceUse
+
+
+class _Placement:
+    """The network on its device at its precision; moved to the CPU when the device runs out of memory."""
+
+    def __init__(self, package: ModelPackage, device: torch.device, precision: str, monitor: Monitor) -> None:
+        self.package, self.requested_precision, self.monitor = package, precision, monitor
+        self.device, self.precision = device, resolve_precision(precision, device)
+        self.network = package.build_network().to(device)
+        self.notices: list[str] = []
+
+    def notify(self, message: str) -> None:
+        self.notices.append(message)
+        self.monitor.notice(message)
+
+    def move_to_cpu(self, what: str) -> None:
+        """Rebuild the network on the CPU (its weights are in the package, on the host) and free the device."""
+        if self.device.type == "cpu":
+            raise NormativeAnomalyError(f"out of memory on the CPU even at {what}; close other programs and run again")
+        before = self.device
+        self.network = None
+        release_cached_memory(before)
+        self.device = torch.device("cpu")
+        self.precision = resolve_precision(self.requested_precision, self.device)
+        self.network = self.package.build_network()
+        self.notify(f"{device_label(before)} out of memory even at {what}: finishing on the CPU ({self.precision})")
+
+    def attempt(self, apply: NetworkPass, values: np.ndarray) -> np.ndarray | None:
+        """One pass over ``values`` (n, 1, *spatial) on the host; None if the device ran out of memory."""
+        try:
+            with torch.inference_mode(), autocast(self.device, self.precision):
+                return apply(self.network, to_device(values, self.device)).float().cpu().numpy()
+        except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(error):
+                raise
+        release_cached_memory(self.device)  # here, once the traceback (holding the batch) is gone
+        return None
 
 
 def _forward(network: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -49,59 +92,110 @@ def _forward(network: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _network_pass(package: ModelPackage,
+                  diffusion: dict[str, Any] | None) -> tuple[NetworkPass, torch.Generator | None]:
+    """The pass over one batch: output channel 0 the reconstruction, channel 1 (diffusion) the variance.
+
+    Diffusion draws noise from a seeded host generator (returned, so a retried batch can
+    restart from the same random state): the same scan and settings give the same
+    reconstruction on every run and every device.
+    """
+    if package.family != "ddpm":
+        return _forward, None
+    settings = diffusion_settings(package, diffusion)
+    samples = int(settings["samples"])
+    generator = torch.Generator().manual_seed(int(settings.get("seed", 0)))
+
+    def apply(network: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        draws = torch.stack([reconstruct_batch(network, batch, settings, generator) for _ in range(samples)])
+        return torch.cat([draws.mean(0), draws.var(0, unbiased=False)], dim=1)
+    return apply, generator
+
+
 def reconstruct(package: ModelPackage, image: np.ndarray, brain_mask: np.ndarray, device: torch.device,
                 monitor: Monitor | None = None, batch_size: int | None = None,
-                diffusion: dict[str, Any] | None = None) -> np.ndarray | None:
+                diffusion: dict[str, Any] | None = None, precision: str = "auto") -> np.ndarray | None:
     """Pseudo-healthy reconstruction of ``image`` (z, y, x, model units); ``None`` for the intensity baseline."""
-    return reconstruct_with_uncertainty(package, image, brain_mask, device, monitor, batch_size, diffusion)[0]
+    return run_inference(package, image, brain_mask, device, monitor, batch_size, diffusion, precision).reconstruction
 
 
 def reconstruct_with_uncertainty(package: ModelPackage, image: np.ndarray, brain_mask: np.ndarray,
                                  device: torch.device, monitor: Monitor | None = None, batch_size: int | None = None,
-                                 diffusion: dict[str, Any] | None = None
+                                 diffusion: dict[str, Any] | None = None, precision: str = "auto"
                                  ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(reconstruction, variance): the variance over several stochastic reconstructions for
-    diffusion models run with ``samples`` > 1, else ``None``. ``diffusion`` overrides the
-    card's diffusion settings (noise_level, steps, samples, noise)."""
+    """(reconstruction, variance): see :func:`run_inference`."""
+    result = run_inference(package, image, brain_mask, device, monitor, batch_size, diffusion, precision)
+    return result.reconstruction, result.variance
+
+
+def run_inference(package: ModelPackage, image: np.ndarray, brain_mask: np.ndarray, device: torch.device,
+                  monitor: Monitor | None = None, batch_size: int | None = None,
+                  diffusion: dict[str, Any] | None = None, precision: str = "auto") -> Inference:
+    """Reconstruction, variance (diffusion models run with ``samples`` > 1, else ``None``) and how it ran.
+
+    ``batch_size``: slices per batch (2D); None: the card's, or on CUDA sized from free memory.
+    ``diffusion`` overrides the card's diffusion settings (noise_level, steps, samples, noise).
+    ``precision``: auto | fp32 | bf16 | fp16.
+    """
     monitor = monitor or Monitor()
     if package.family == "intensity":
         monitor.report("inference", 1.0)
-        return None, None
-    network = package.build_network().to(device)
-    if package.family == "ddpm":
-        settings = diffusion_settings(package, diffusion)
-        samples = int(settings["samples"])
-        # Seeded: the same scan and settings give the same reconstruction on every run.
-        generator = torch.Generator().manual_seed(int(settings.get("seed", 0)))
-
-        def apply(batch: torch.Tensor) -> torch.Tensor:
-            draws = torch.stack([reconstruct_batch(network, batch, settings, generator) for _ in range(samples)])
-            return torch.cat([draws.mean(0), draws.var(0, unbiased=False)], dim=1)
+        return Inference(None, None, DeviceUse(device.type, resolve_precision(precision, device)))
+    apply, generator = _network_pass(package, diffusion)
+    placement = _Placement(package, device, precision, monitor)
+    if package.card["dims"] == 3:
+        output, size = _whole_volume(placement, apply, image), None
     else:
-        def apply(batch: torch.Tensor) -> torch.Tensor:
-            return _forward(network, batch)
-    reconstruction, variance = image.copy(), np.zeros_like(image)
-    with torch.inference_mode(), _autocast(device):
-        if package.card["dims"] == 3:
-            output = apply(torch.from_numpy(image)[None, None].to(device))[0].float().cpu().numpy()
-            reconstruction = output[0]
-            variance = output[1] if output.shape[0] > 1 else variance
-            monitor.report("inference", 1.0)
-        else:
-            slices = np.flatnonzero(brain_mask.any(axis=(1, 2)))  # slices without brain stay as they are
-            size = batch_size or package.card["inference"]["batch_size"]
-            for start in range(0, len(slices), size):
-                monitor.check()
-                index = slices[start:start + size]
-                batch = torch.from_numpy(image[index])[:, None].to(device, non_blocking=True)
-                output = apply(batch).float().cpu().numpy()
-                reconstruction[index] = output[:, 0]
-                if output.shape[1] > 1:
-                    variance[index] = output[:, 1]
-                monitor.report("inference", min(start + size, len(slices)) / max(len(slices), 1))
-    reconstruction = np.where(brain_mask, reconstruction, 0.0).astype(np.float32)
+        output, size = _slice_batches(placement, apply, generator, image, brain_mask, monitor, batch_size)
+    monitor.report("inference", 1.0)
+    reconstruction = np.where(brain_mask, output[:, 0], 0.0).astype(np.float32)
     stochastic = package.family == "ddpm" and int(diffusion_settings(package, diffusion)["samples"]) > 1
-    return reconstruction, (np.where(brain_mask, variance, 0.0).astype(np.float32) if stochastic else None)
+    variance = np.where(brain_mask, output[:, 1], 0.0).astype(np.float32) if stochastic else None
+    return Inference(reconstruction, variance, DeviceUse(placement.device.type, placement.precision, size,
+                                                         placement.notices))
+
+
+def _whole_volume(placement: _Placement, apply: NetworkPass, image: np.ndarray) -> np.ndarray:
+    """A 3D model's pass, (z, channels, y, x); the volume cannot be split, so out of memory means the CPU."""
+    while (output := placement.attempt(apply, image[None, None])) is None:
+        placement.move_to_cpu("the whole volume (a 3D model)")
+    return np.moveaxis(output[0], 0, 1)
+
+
+def _slice_batches(placement: _Placement, apply: NetworkPass, generator: torch.Generator | None, image: np.ndarray,
+                   brain_mask: np.ndarray, monitor: Monitor, batch_size: int | None) -> tuple[np.ndarray, int]:
+    """A 2D model's passes over the slices holding brain, (z, channels, y, x); slices without brain stay the input."""
+    output = np.zeros((image.shape[0], 2, *image.shape[1:]), dtype=np.float32)
+    output[:, 0] = image
+    slices = np.flatnonzero(brain_mask.any(axis=(1, 2)))
+    card_size = batch_size or int(placement.package.card["inference"]["batch_size"])
+    size, done = card_size, 0
+    measure = batch_size is None and placement.device.type == "cuda"
+    while done < len(slices):
+        monitor.check()
+        index = slices[done:done + size]
+        random_state = generator.get_state() if generator is not None else None
+        baseline = start_peak_measurement(placement.device) if measure else 0
+        result = placement.attempt(apply, image[index][:, None])
+        if result is None:
+            if generator is not None:
+                generator.set_state(random_state)  # the retried slices draw the noise they would have drawn
+            if len(index) > 1:
+                size = len(index) // 2
+                placement.notify(f"{device_label(placement.device)} out of memory at {len(index)} slices per batch: "
+                                 f"retrying with {size}")
+            else:
+                placement.move_to_cpu("1 slice per batch")
+                size, measure = card_size, False  # host memory is not the card's: the card's batch size again
+            continue
+        output[index, :result.shape[1]] = result
+        done += len(index)
+        if measure and done < len(slices):
+            per_slice = peak_since(placement.device, baseline) / len(index)
+            size = batch_size_from_memory(usable_memory(placement.device), per_slice, limit=len(slices) - done)
+            measure = False
+        monitor.report("inference", done / max(len(slices), 1))
+    return output, size
 
 
 def diffusion_settings(package: ModelPackage, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

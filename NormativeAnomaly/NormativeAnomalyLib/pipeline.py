@@ -15,7 +15,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import NormativeAnomalyError
-from .inference import diffusion_settings, reconstruct_with_uncertainty, select_device
+from .device import resolve_precision, select_device
+from .inference import DeviceUse, diffusion_settings, run_inference
 from .input_space import to_input_grid
 from .lesions import Segmentation, segment_anomalies
 from .model_space import prepare_model_input
@@ -35,7 +36,8 @@ class RunOptions:
     fpr: float | None = None  # healthy false-positive rate; default: the model card's
     min_lesion_mm3: float | None = None
     bias_correction: bool | None = None  # default: the model card's
-    batch_size: int | None = None
+    batch_size: int | None = None  # slices per batch; default: the card's, or on CUDA sized from free memory
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 (or fp16) on a GPU, fp32 on the CPU
     # Diffusion models: overrides of the card's noise_level, steps, samples, noise (None: the card's)
     diffusion: dict[str, Any] | None = None
     # A registration of this input to the model's template computed before (e.g. by a run of another
@@ -55,10 +57,12 @@ class AnomalyResult:
     threshold_fpr: float
     model: ModelPackage
     registration: Registration
-    device: str
+    device: str  # the device that finished the work (a GPU out of memory falls back to the CPU)
     seconds: dict[str, float] = field(default_factory=dict)
     # Variance over several stochastic reconstructions (diffusion models with samples > 1), else None
     uncertainty: sitk.Image | None = None
+    # Precision, batch size and the fallbacks on the way (one line each), for run.json
+    device_use: DeviceUse | None = None
 
     def resegment(self, threshold: float | None = None, min_lesion_mm3: float | None = None) -> Segmentation:
         """New threshold and/or minimum size, without re-running the model."""
@@ -97,6 +101,7 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
     seconds: dict[str, float] = {}
     image = validate_volume(image)
     device = select_device(options.device)
+    resolve_precision(options.precision, device)  # a bad precision fails now, not after registration
     if package.family == "ddpm":
         diffusion_settings(package, options.diffusion)  # a bad override fails now, not after registration
     threshold, threshold_fpr = resolve_threshold(package, options)
@@ -117,9 +122,9 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
                                           options.brain_mask, bias)
     monitor.check()
     with _timed(seconds, "inference", monitor):
-        reconstruction, variance = reconstruct_with_uncertainty(
-            package, model_input.image, model_input.brain_mask, device, monitor, options.batch_size,
-            options.diffusion)
+        inference = run_inference(package, model_input.image, model_input.brain_mask, device, monitor,
+                                  options.batch_size, options.diffusion, options.precision)
+        reconstruction, variance = inference.reconstruction, inference.variance
     monitor.check()
     with _timed(seconds, "scoring", monitor):
         spacing_zyx = tuple(reversed(template.image.GetSpacing()))
@@ -140,7 +145,7 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
     monitor.report("done", 1.0)
     seconds["total"] = round(sum(seconds.values()), 3)
     return AnomalyResult(image, pseudo_healthy, anomaly_map, brain_on_input, segmentation, threshold_fpr, package,
-                         registration, device.type, seconds, uncertainty)
+                         registration, inference.use.device, seconds, uncertainty, inference.use)
 
 
 def _pseudo_healthy_on_input(image: sitk.Image, reconstruction: np.ndarray | None, model_input, template,

@@ -7,6 +7,7 @@ stop a run without killing the process.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,12 +15,22 @@ from .errors import Cancelled
 
 ProgressCallback = Callable[[str, float], None]
 CancelCheck = Callable[[], bool]
+NoticeCallback = Callable[[str], None]
 
 
 @dataclass
 class Monitor:
     progress: ProgressCallback | None = None
     cancel: CancelCheck | None = None
+    on_notice: NoticeCallback | None = None
+
+    def notice(self, message: str) -> None:
+        """One line for the user about something the run did differently (e.g. a GPU out of memory
+        fell back to the CPU); the run goes on. Without a callback it is logged as a warning."""
+        if self.on_notice is not None:
+            self.on_notice(message)
+        else:
+            logging.getLogger("NormativeAnomaly").warning(message)
 
     def report(self, stage: str, fraction: float) -> None:
         if self.progress is not None:
