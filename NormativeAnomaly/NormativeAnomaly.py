@@ -59,6 +59,7 @@ class NormativeAnomalyParameterNode:
     # Choice is required by the parameter node wrapper to bind a str to a QComboBox.
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     alreadyInTemplateSpace: bool = False
+    acceptPoorAlignment: bool = False
     noiseLevel: Annotated[int, WithinRange(1, 1000)] = 250
     diffusionSteps: Annotated[int, WithinRange(1, 100)] = 10
     samples: Annotated[int, WithinRange(1, 32)] = 1
@@ -208,13 +209,14 @@ class NormativeAnomalyLogic(ScriptedLoadableModuleLogic):
 
     def startRun(self, inputVolume: vtkMRMLScalarVolumeNode, modelName: str, device: str = "auto",
                  alreadyInTemplateSpace: bool = False, brainMask: Optional[vtkMRMLLabelMapVolumeNode] = None,
-                 diffusion: Optional[dict[str, Any]] = None):
+                 diffusion: Optional[dict[str, Any]] = None, acceptPoorAlignment: bool = False):
         """Start the analysis in the background; returns a RunHandle to poll, finish or cancel.
 
         ``diffusion`` overrides a diffusion model's card settings for this run: any of noise_level,
         steps, samples (more than 1 also gives an uncertainty map) and noise ("gaussian", "simplex" or "coarse").
         It is only passed on for diffusion models (ignored, with a warning, for a registered model of
-        another family; a model given by folder is left to the command-line tool to judge)."""
+        another family; a model given by folder is left to the command-line tool to judge).
+        ``acceptPoorAlignment`` runs even when the registered input does not look like the template."""
         from NormativeAnomalySlicer import run_controller
         from NormativeAnomalySlicer.model_cards import diffusionSettings, isDiffusionModel
 
@@ -224,7 +226,7 @@ class NormativeAnomalyLogic(ScriptedLoadableModuleLogic):
             diffusion = None
         return run_controller.startRun(inputVolume, modelName, device, alreadyInTemplateSpace, brainMask,
                                        slicer.app.temporaryPath, diffusion=diffusion,
-                                       diffusionCard=diffusionSettings(card))
+                                       diffusionCard=diffusionSettings(card), acceptPoorAlignment=acceptPoorAlignment)
 
     def waitForRun(self, handle, timeoutSeconds: float = 3600.0):
         """Block (keeping the application responsive) until the run ends; returns its RunState."""

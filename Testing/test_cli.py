@@ -408,9 +408,26 @@ BAD_INPUTS: list = [
 ]
 
 
+DESCRIPTIONS = {
+    "missing-file": "input file does not exist", "2d-image": "2D image", "4d-image": "4D image (3 frames)",
+    "rgb-3d-image": "3D colour (3-component) image", "all-zero": "all-zero volume", "constant": "constant volume",
+    "one-nan": "one NaN voxel (NRRD)", "inf": "one +Inf voxel (MHA)", "one-nan-nifti": "one NaN voxel (NIfTI)",
+    "inf-nifti": "one -Inf voxel (NIfTI)", "not-an-image": "random bytes named .nii.gz",
+    "truncated-nifti": "gzipped NIfTI cut in half", "unknown-model": "unknown model name",
+    "weights-flipped-byte": "one byte of the weights flipped",
+    "weights-are-a-pickle": "weights replaced by a pickle whose unpickling runs a shell command (card hash updated)",
+    "card-fails-schema": "card with an unknown family", "out-not-empty": "--out holds the user's files",
+    "negative-min-lesion": "negative --min-lesion-mm3", "cuda-without-gpu": "--device cuda on a machine without CUDA",
+}
+AREAS = {"unknown-model": "model package", "weights-flipped-byte": "model package",
+         "weights-are-a-pickle": "model package", "card-fails-schema": "model package",
+         "out-not-empty": "output folder", "negative-min-lesion": "options", "cuda-without-gpu": "options"}
+
+
+@pytest.mark.reliability
 @pytest.mark.parametrize("build, keyword", BAD_INPUTS)
 def test_bad_input_fails_cleanly(build: Callable[[Case], list], keyword: str, tmp_path, tiny_t1_path,
-                                 template_t1_path, request):
+                                 template_t1_path, request, reliability_case):
     case = Case(tmp_path, tiny_t1_path, template_t1_path, request)
     args = build(case)
     before = snapshot(tmp_path)
@@ -427,6 +444,9 @@ def test_bad_input_fails_cleanly(build: Callable[[Case], list], keyword: str, tm
     assert after == before, "the run changed files: " + ", ".join(
         sorted(set(before) ^ set(after) | {k for k in before if k in after and before[k] != after[k]}))
     assert not (tmp_path / MARKER).exists(), "unpickling the weights ran code"
+    case_id = request.node.callspec.id
+    area = AREAS.get(case_id, "input volume")
+    reliability_case(area, DESCRIPTIONS[case_id], f"exit {result.returncode}: {message}")
 
 
 def test_pickle_payload_is_live(tmp_path):

@@ -56,8 +56,9 @@ def demo_run(demo_paths, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("stage", ["registration", "inference", "to_input_grid"])
-def test_background_run_cancel_stops_the_child_and_leaves_no_output(demo_paths, tmp_path, stage):
+def test_background_run_cancel_stops_the_child_and_leaves_no_output(demo_paths, tmp_path, stage, reliability_case):
     out = tmp_path / "out"
     run = BackgroundRun(run_command(demo_paths[0], out, model=default_model_name()))
     deadline = time.monotonic() + 120
@@ -69,10 +70,13 @@ def test_background_run_cancel_stops_the_child_and_leaves_no_output(demo_paths, 
     assert "nothing was written" in state.message
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [], "a staging folder was left behind"
+    reliability_case("fault", f"Slicer panel: Cancel during {stage}",
+                     f"child process stopped (exit 130): \"{state.message}\"; no output folder, no staging folder")
 
 
+@pytest.mark.reliability
 @pytest.mark.skipif(os.name != "posix", reason="process groups and SIGTERM are POSIX")
-def test_cancel_reaches_the_interpreter_behind_a_launcher(demo_paths, tmp_path):
+def test_cancel_reaches_the_interpreter_behind_a_launcher(demo_paths, tmp_path, reliability_case):
     """Slicer's PythonSlicer is a launcher that does not forward signals: Cancel must still stop the CLI."""
     out = tmp_path / "out"
     launcher = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"]
@@ -86,6 +90,8 @@ def test_cancel_reaches_the_interpreter_behind_a_launcher(demo_paths, tmp_path):
         os.killpg(run.process.pid, 0)  # nothing is left in the run's process group
     assert "nothing was written" in run.log()  # the CLI itself unwound
     assert not out.exists() and list(tmp_path.iterdir()) == []
+    reliability_case("fault", "Slicer panel: Cancel behind a launcher that does not forward signals",
+                     "the whole process group stopped; the CLI unwound (\"nothing was written\"); no file left")
 
 
 def test_background_run_reports_the_cli_error_in_one_line(tmp_path):
@@ -315,7 +321,8 @@ def scene_state(scene) -> tuple:
     return tuple(ids), children.GetNumberOfIds()
 
 
-def test_cancel_while_adding_leaves_the_scene_as_it_was(demo_run, demo_paths):
+@pytest.mark.reliability
+def test_cancel_while_adding_leaves_the_scene_as_it_was(demo_run, demo_paths, reliability_case):
     standalone = create_scene()
     scene = standalone.scene
     input_volume = load_input(standalone, demo_paths[0])
@@ -332,15 +339,21 @@ def test_cancel_while_adding_leaves_the_scene_as_it_was(demo_run, demo_paths):
         break  # this many checks let it finish
     assert len(cancelled_at) >= 5, "the cancel points were not exercised"
     assert len(find_results(scene, input_volume)) == 1  # the run that was not cancelled
+    reliability_case("fault", "Slicer logic: Cancel at each point while result nodes are added",
+                     f"cancelled at {len(cancelled_at)} check points: each time the scene's nodes and subject "
+                     "hierarchy were as before")
 
 
-def test_a_result_on_another_grid_is_refused_without_leaving_nodes(demo_run, real_t1_head_path):
+@pytest.mark.reliability
+def test_a_result_on_another_grid_is_refused_without_leaving_nodes(demo_run, real_t1_head_path, reliability_case):
     standalone = create_scene(slice_views=False)
     other = load_input(standalone, real_t1_head_path, "other head")
     before = scene_state(standalone.scene)
-    with pytest.raises(OutputError, match="voxels"):
+    with pytest.raises(OutputError, match="voxels") as error:
         load_run(standalone.scene, other, read_run_folder(demo_run))
     assert scene_state(standalone.scene) == before
+    reliability_case("input volume", "Slicer logic: a result folder loaded onto a volume of another grid",
+                     f"refused: {error.value}; no node added")
 
 
 # --- display, two models, export, save and reload -------------------------------------------

@@ -12,9 +12,13 @@ python scripts/fetch_data.py
 python scripts/build_resources.py --only template,template_t2
 python scripts/build_population.py
 python scripts/build_population.py --modality T2
-T1_MODELS="dae-t1 ae-t1 vae-t1 gan-t1 ddpm-t1 ae3d-t1"
+T1_MODELS="dae-t1 ae-t1 vae-t1 gan-t1 ddpm-t1 ddpm-simplex-t1 ae3d-t1"
 for name in $T1_MODELS dae-t2; do
   config="scripts/configs/${name//-/_}.json"
+  # ddpm-simplex-t1 continues ddpm-t1's training (1500 steps, coarse noise) with simplex noise
+  if [ "$name" = ddpm-simplex-t1 ] && [ ! -f out/checkpoints/ddpm-simplex-t1.pt ]; then
+    cp out/checkpoints/ddpm-t1.pt out/checkpoints/ddpm-simplex-t1.pt
+  fi
   python scripts/train.py "$config" --overwrite
   rm -rf "Resources/Models/$name" && cp -r "out/models/$name" "Resources/Models/$name"
 done

@@ -37,8 +37,14 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--threshold", type=float, help="anomaly-map threshold (default: calibrated, see --fpr)")
         command.add_argument("--fpr", type=float, help="threshold as a healthy voxel false-positive rate, e.g. 0.01")
         command.add_argument("--min-lesion-mm3", type=float, help="smallest lesion kept (default: the model's)")
-        command.add_argument("--batch-size", type=int, help="slices per inference batch (default: the model's)")
+        command.add_argument("--batch-size", type=int,
+                             help="slices per inference batch (default: the model's; on CUDA sized from free memory)")
+        command.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                             help="inference precision (auto: bf16 or fp16 on a GPU, fp32 on the CPU)")
         command.add_argument("--n4", action="store_true", default=None, help="N4 bias-field correction first")
+        command.add_argument("--accept-poor-alignment", action="store_true",
+                             help="run even when the registered input does not look like the model's template "
+                                  "(correlation under the cut-off: failed registration, non-brain, other contrast)")
         diffusion = command.add_argument_group("diffusion models (defaults: the model card's)")
         diffusion.add_argument("--noise-level", type=int, help="forward steps of noise before denoising")
         diffusion.add_argument("--diffusion-steps", type=int, help="DDIM steps back to the image (1: one-step x0)")
@@ -110,13 +116,20 @@ class _Progress:
 
 def _run(args: argparse.Namespace, input_path: Path, extra: dict[str, Any]) -> dict[str, Any]:
     # Heavy imports only once the arguments are known to be good, so --help and errors are quick.
+    from .outputs import output_lock
+
+    _check_numbers(args)
+    with output_lock(args.out):  # a second run into the same folder is refused, not raced
+        return _run_locked(args, input_path, extra)
+
+
+def _run_locked(args: argparse.Namespace, input_path: Path, extra: dict[str, Any]) -> dict[str, Any]:
     from .models import resolve_model
     from .outputs import check_output_folder, write_outputs
     from .pipeline import detect_anomalies
     from .progress import Monitor
     from .volume_io import read_mask, read_volume
 
-    _check_numbers(args)
     check_output_folder(args.out, args.overwrite)
     package = resolve_model(args.model)
     _check_diffusion_options(args, package)
@@ -125,7 +138,8 @@ def _run(args: argparse.Namespace, input_path: Path, extra: dict[str, Any]) -> d
     options = _run_options(args, mask)
     progress = _Progress(enabled=not (args.quiet or args.json), lines=args.progress_lines)
     try:
-        result = detect_anomalies(image, package, options, Monitor(progress=progress, cancel=_cancel_requested.is_set))
+        monitor = Monitor(progress=progress, cancel=_cancel_requested.is_set, on_notice=_print_notice)
+        result = detect_anomalies(image, package, options, monitor)
     finally:
         progress.close()
     progress("writing", 0.0)
@@ -135,6 +149,11 @@ def _run(args: argparse.Namespace, input_path: Path, extra: dict[str, Any]) -> d
     summary = write_outputs(result, args.out, settings, overwrite=args.overwrite, extra_summary=extra)
     progress("writing", 1.0)
     return summary
+
+
+def _print_notice(message: str) -> None:
+    """A fallback the user should know of (e.g. GPU out of memory, going on on the CPU): one line."""
+    print(f"normative-anomaly: note: {message}", file=sys.stderr, flush=True)
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -161,6 +180,7 @@ def _run_options(args: argparse.Namespace, mask=None):
     return RunOptions(device=args.device, registered=getattr(args, "registered", False), brain_mask=mask,
                       threshold=args.threshold, fpr=args.fpr, min_lesion_mm3=args.min_lesion_mm3,
                       bias_correction=args.n4, batch_size=args.batch_size,
+                      accept_poor_alignment=args.accept_poor_alignment, precision=args.precision,
                       diffusion={"noise_level": args.noise_level, "steps": args.diffusion_steps,
                                  "samples": args.samples, "noise": args.diffusion_noise})
 
@@ -171,7 +191,8 @@ def _run_settings(args: argparse.Namespace, package, options, input_path: Path |
             "device": args.device, "registered": options.registered,
             "mask": str(args.mask) if getattr(args, "mask", None) else None,
             "threshold": args.threshold, "fpr": args.fpr, "min_lesion_mm3": args.min_lesion_mm3,
-            "n4": bool(args.n4), "batch_size": args.batch_size, "noise_level": args.noise_level,
+            "n4": bool(args.n4), "accept_poor_alignment": args.accept_poor_alignment, "batch_size": args.batch_size,
+            "precision": args.precision, "noise_level": args.noise_level,
             "diffusion_steps": args.diffusion_steps, "samples": args.samples, "diffusion_noise": args.diffusion_noise}
 
 
@@ -208,12 +229,10 @@ def _batch(args: argparse.Namespace) -> int:
 
 
 def _dice(predicted, truth_path: Path) -> float | None:
-    from .volume_io import read_volume
-
     import numpy as np
     import SimpleITK as sitk
 
-    truth = sitk.GetArrayFromImage(read_volume(truth_path, name="demo lesion mask")) > 0.5
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_path))) > 0.5  # the bundled demo's label map
     total = predicted.sum() + truth.sum()
     return round(float(2 * np.logical_and(predicted, truth).sum() / total), 4) if total else None
 

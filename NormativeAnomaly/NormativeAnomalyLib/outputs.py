@@ -2,25 +2,28 @@
 
 Everything is written into a staging folder beside the output folder and moved in at the
 end, so a crash or Cancel leaves either the previous outputs or the complete new set.
-An output folder that already holds files is refused unless ``overwrite`` is given.
+An output folder that already holds files is refused unless ``overwrite`` is given, and a
+second run into a folder another run is writing is refused (``output_lock``).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import slicerio
 
 from . import __version__
 from .errors import OutputError
-from .pipeline import AnomalyResult
+from .pipeline import MIN_ALIGNMENT, AnomalyResult
 from .report import write_report
 from .volume_io import ijk_to_lps, write_image
 
@@ -37,6 +40,62 @@ def check_output_folder(out_dir: Path, overwrite: bool) -> None:
         raise OutputError(f"{out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise OutputError(f"{out_dir} is not empty; choose another --out or pass --overwrite")
+
+
+@contextmanager
+def output_lock(out_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``out_dir`` for a whole run, or refuse at once.
+
+    Two runs into one folder would each pass the empty-folder check, compute for minutes, and
+    the second would then replace the first's files with a set that mixes nothing but is not
+    what the first user asked for. The lock is an OS file lock (``flock``) on a hidden file
+    beside the folder: it dies with its process, so a crash never leaves a stale lock behind.
+    """
+    out_dir = Path(out_dir).absolute()
+    created = [folder for folder in [out_dir.parent, *out_dir.parent.parents] if not folder.exists()]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = out_dir.parent / f".{out_dir.name}.normative-anomaly.lock"
+    while True:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _lock(handle)
+        except BlockingIOError:
+            holder = os.pread(handle, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(handle)
+            raise OutputError(f"another run (process {holder}) is writing to {out_dir}; wait for it to finish "
+                              "or choose another --out") from None
+        try:  # the holder we waited on may have removed the file: then lock the new one
+            if os.stat(path).st_ino == os.fstat(handle).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(handle)
+    try:
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(handle)  # closing releases the lock
+        for folder in created:  # a failed run leaves no new empty parent folders behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _lock(handle: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: an exclusive byte-range lock instead
+        import msvcrt
+
+        try:
+            msvcrt.locking(handle, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            raise BlockingIOError from None
+        return
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def write_segmentation(path: Path, result: AnomalyResult) -> None:
@@ -56,7 +115,11 @@ def run_summary(result: AnomalyResult, settings: dict[str, Any]) -> dict[str, An
                   "modality": card["modality"], "description": card["description"], "license": card["license"],
                   "training_data": card["training"].get("data", ""), "path": str(result.model.path)},
         "device": result.device,
-        "registration": {"kind": result.registration.kind, "final_metric": _finite(result.registration.metric)},
+        # precision, batch size and any fallback (e.g. GPU out of memory -> CPU) on the way
+        "device_use": dataclasses.asdict(result.device_use) if result.device_use is not None else None,
+        "registration": {"kind": result.registration.kind, "final_metric": _finite(result.registration.metric),
+                         # correlation with the template over the brain; runs under the cut-off are refused
+                         "alignment": _finite(round(result.alignment, 4)), "alignment_cutoff": MIN_ALIGNMENT},
         "threshold": result.segmentation.threshold,
         "threshold_healthy_fpr": result.threshold_fpr,
         "min_lesion_mm3": result.segmentation.min_lesion_mm3,

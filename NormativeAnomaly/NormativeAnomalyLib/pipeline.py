@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import NormativeAnomalyError
+from .errors import NormativeAnomalyError, RegistrationError
 from .device import resolve_precision, select_device
 from .inference import DeviceUse, diffusion_settings, run_inference
 from .input_space import to_input_grid
@@ -40,6 +40,8 @@ class RunOptions:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 (or fp16) on a GPU, fp32 on the CPU
     # Diffusion models: overrides of the card's noise_level, steps, samples, noise (None: the card's)
     diffusion: dict[str, Any] | None = None
+    # Run even when the registered input does not look like the model's template (see check_alignment)
+    accept_poor_alignment: bool = False
     # A registration of this input to the model's template computed before (e.g. by a run of another
     # model on the same template): reused instead of registering again
     registration: Registration | None = None
@@ -63,6 +65,8 @@ class AnomalyResult:
     uncertainty: sitk.Image | None = None
     # Precision, batch size and the fallbacks on the way (one line each), for run.json
     device_use: DeviceUse | None = None
+    # Correlation of the registered input with the template inside the brain (model_space.alignment_quality)
+    alignment: float = float("nan")
 
     def resegment(self, threshold: float | None = None, min_lesion_mm3: float | None = None) -> Segmentation:
         """New threshold and/or minimum size, without re-running the model."""
@@ -120,6 +124,8 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
         bias = card["preprocessing"]["bias_correction"] if options.bias_correction is None else options.bias_correction
         model_input = prepare_model_input(image, template, registration, card["preprocessing"]["normalisation"],
                                           options.brain_mask, bias)
+        if not options.accept_poor_alignment:
+            check_alignment(model_input.alignment, card["modality"])
     monitor.check()
     with _timed(seconds, "inference", monitor):
         inference = run_inference(package, model_input.image, model_input.brain_mask, device, monitor,
@@ -145,7 +151,29 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
     monitor.report("done", 1.0)
     seconds["total"] = round(sum(seconds.values()), 3)
     return AnomalyResult(image, pseudo_healthy, anomaly_map, brain_on_input, segmentation, threshold_fpr, package,
-                         registration, inference.use.device, seconds, uncertainty, inference.use)
+                         registration, inference.use.device, seconds, uncertainty, inference.use,
+                         model_input.alignment)
+
+
+# Correlation of a registered input with its template over the brain (model_space.alignment_quality),
+# measured by scripts/alignment_cutoff.py (docs/alignment.md): real and template-derived T1 heads
+# 0.60 and above; heads stored upside down or back to front, a chest-like phantom, noise, a
+# partial field of view and other contrasts 0.30 and below. The cut-off sits between.
+MIN_ALIGNMENT = 0.45
+
+
+def check_alignment(alignment: float, modality: str) -> None:
+    """Refuse a run whose registered input does not look like the model's template: a failed
+    registration, non-brain anatomy or another contrast would otherwise give confident nonsense."""
+    if alignment >= MIN_ALIGNMENT:
+        return
+    if alignment <= -MIN_ALIGNMENT:
+        why = f"its contrast looks inverted relative to the model's {modality} template (another modality?)"
+    else:
+        why = f"registration failed, or this is not a {modality} brain MRI"
+    raise RegistrationError(
+        f"the registered input correlates {alignment:.2f} with the model's template over the brain "
+        f"(cut-off {MIN_ALIGNMENT}): {why}; check the input, or run anyway with --accept-poor-alignment")
 
 
 def _pseudo_healthy_on_input(image: sitk.Image, reconstruction: np.ndarray | None, model_input, template,

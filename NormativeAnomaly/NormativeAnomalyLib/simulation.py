@@ -155,3 +155,21 @@ def simulate_lesion(kind: str, image: np.ndarray, brain_mask: np.ndarray, spacin
         return simulate_territorial(image, brain_mask, spacing_zyx, rng, radius_mm=rng.uniform(20, 35),
                                     contrast=-rng.uniform(0.25, 0.5))
     raise ValueError(f"unknown lesion kind {kind!r}; use one of {', '.join(LESION_KINDS)}")
+
+
+def chest_phantom(seed: int = 0) -> "sitk.Image":
+    """A chest-CT-like volume in Hounsfield units (body, two lungs, heart, spine; 1.2x1.2x5 mm):
+    non-brain anatomy for checking that registration failure is caught. No real chest CT ships
+    in a package this project can fetch, hence a phantom."""
+    import SimpleITK as sitk
+
+    z, y, x = np.mgrid[0:80, 0:200, 0:300].astype(np.float32)
+    values = np.where(((x - 150) / 130) ** 2 + ((y - 100) / 85) ** 2 < 1, 40.0, -1000.0)
+    for centre_x in (95, 205):
+        values[((x - centre_x) / 45) ** 2 + ((y - 95) / 55) ** 2 < 1] = -850.0
+    values[((x - 160) / 35) ** 2 + ((y - 80) / 30) ** 2 < 1] = 50.0
+    values[((x - 150) / 18) ** 2 + ((y - 160) / 18) ** 2 < 1] = 700.0
+    values += np.random.default_rng(seed).normal(0.0, 20.0, values.shape)
+    image = sitk.GetImageFromArray(values.astype(np.float32))
+    image.SetSpacing((1.2, 1.2, 5.0))
+    return image

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -34,12 +36,14 @@ def read_volume(path: str | os.PathLike, *, name: str = "input") -> sitk.Image:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with _native_stderr_silenced():
+            reader.ReadImageInformation()
     except RuntimeError as error:
         raise InputVolumeError(f"{name} {path} cannot be read as an image: {_first_line(error)}") from None
     _check_header(reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize(), f"{name} {path}")
     try:
-        image = reader.Execute()
+        with _native_stderr_silenced():
+            image = reader.Execute()
     except RuntimeError as error:
         raise InputVolumeError(f"{name} {path} is corrupt or truncated: {_first_line(error)}") from None
     if path.name.lower().endswith((".nii", ".nii.gz")):
@@ -50,12 +54,20 @@ def read_volume(path: str | os.PathLike, *, name: str = "input") -> sitk.Image:
 def _check_nifti_data(path: Path, name: str) -> None:
     """ITK's NIfTI reader pads a truncated file with zeros and turns NaN/Inf into 0 without a
     word; nibabel reads the same bytes strictly, so both are caught here."""
+    import logging
+
     import nibabel
 
+    nibabel_log = logging.getLogger("nibabel")
+    level = nibabel_log.level
+    nibabel_log.setLevel(logging.ERROR)  # its header fix-up warnings would print to stderr: ITK read the file
     try:
         data = np.asanyarray(nibabel.load(str(path)).dataobj)
     except Exception as error:  # nibabel, gzip and zlib raise several types for a cut file
-        raise InputVolumeError(f"{name} is corrupt or truncated: {error}") from None
+        # nibabel's messages run over several lines ("...\n - could the file be damaged?")
+        raise InputVolumeError(f"{name} is corrupt or truncated: {' '.join(str(error).split())}") from None
+    finally:
+        nibabel_log.setLevel(level)
     if data.dtype.kind in "fc":
         finite = np.isfinite(data)
         if not finite.all():
@@ -108,7 +120,27 @@ def validate_volume(image: sitk.Image, *, name: str = "input") -> sitk.Image:
     if low == high:
         what = "empty (all zero)" if high == 0 else f"constant (every voxel is {high:g})"
         raise InputVolumeError(f"{name} is {what}; there is no image to analyse")
+    labels = _label_values(voxels)
+    if labels is not None:
+        raise InputVolumeError(f"{name} looks like a label map or mask ({labels} distinct integer values), "
+                               "not an MRI; give the scan itself")
     return image
+
+
+# An MRI has hundreds of grey levels even after 8-bit quantisation; a segmentation or mask a few.
+MAX_LABEL_VALUES = 16
+
+
+def _label_values(voxels: np.ndarray) -> int | None:
+    """The number of distinct values if the volume looks like a label map (few integers), else None.
+    A sparse sample decides cheaply for almost every MRI before the whole volume is looked at."""
+    for values in (voxels.ravel()[::97], voxels):
+        if not np.array_equal(values, np.round(values)):
+            return None
+        distinct = np.unique(values).size
+        if distinct > MAX_LABEL_VALUES:
+            return None
+    return int(distinct)
 
 
 def read_mask(path: str | os.PathLike, reference: sitk.Image) -> sitk.Image:
@@ -153,6 +185,24 @@ def write_image(image: sitk.Image, path: str | os.PathLike, *, compress: bool = 
         if temporary is not None:
             Path(temporary).unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {_first_line(error)}") from None
+
+
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Readers in C (the NIfTI library) print their own complaints straight to the process's
+    stderr; the exception that follows says the same, so a bad file still ends in one line."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable stderr (some embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _first_line(error: BaseException) -> str:

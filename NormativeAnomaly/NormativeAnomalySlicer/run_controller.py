@@ -114,7 +114,7 @@ def diffusionArguments(diffusion: Optional[dict[str, Any]], card: Optional[dict[
 
 def startRun(inputVolume, modelName: str, device: str, registered: bool, brainMask, tempRoot: str,
              python: Optional[str] = None, diffusion: Optional[dict[str, Any]] = None,
-             diffusionCard: Optional[dict[str, Any]] = None) -> RunHandle:
+             diffusionCard: Optional[dict[str, Any]] = None, acceptPoorAlignment: bool = False) -> RunHandle:
     """Write the input (and mask) to a new temporary folder and start the CLI on it; returns at once.
 
     ``diffusion`` (diffusion models only: the CLI refuses these options for other families) overrides
@@ -125,6 +125,8 @@ def startRun(inputVolume, modelName: str, device: str, registered: bool, brainMa
     if not modelName:
         raise ValueError(_("Select a model."))
     extraArgs = diffusionArguments(diffusion, diffusionCard)
+    if acceptPoorAlignment:
+        extraArgs.append("--accept-poor-alignment")
     os.makedirs(tempRoot, exist_ok=True)
     workDir = tempfile.mkdtemp(prefix="NormativeAnomaly-", dir=tempRoot)
     try:

@@ -145,7 +145,8 @@ class RunPanel:
         try:
             self.handle = self.logic.startRun(parameters.inputVolume, parameters.modelName, parameters.device,
                                               parameters.alreadyInTemplateSpace, parameters.brainMask,
-                                              diffusion=self._diffusionSettings(parameters))
+                                              diffusion=self._diffusionSettings(parameters),
+                                              acceptPoorAlignment=parameters.acceptPoorAlignment)
         except (OSError, RuntimeError, ValueError) as error:
             message = _("Could not start the analysis: {error}").format(error=error)
             self._showStatus(message)

@@ -1,0 +1,117 @@
+"""Faults while writing: two runs into one folder, a run killed while it writes its outputs, a
+write that fails half-way. Each leaves either the previous outputs or the complete new set."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_cli import LIBRARY_ROOT, REPO, assert_ok, run_cli, snapshot
+
+from NormativeAnomalyLib.outputs import OUTPUT_FILES, output_lock
+
+pytestmark = pytest.mark.reliability
+
+DEMO = REPO / "Resources" / "SampleData" / "demo_t1.nii.gz"
+FAST = ("--model", "intensity-t1", "--quiet")
+
+
+def _hold_lock(out: Path) -> subprocess.Popen:
+    """Another process holding the output lock of ``out`` (as a run does while it computes)."""
+    code = ("import sys, time; from NormativeAnomalyLib.outputs import output_lock\n"
+            f"with output_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(LIBRARY_ROOT)))
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_second_run_into_the_same_folder_is_refused(tmp_path, reliability_case):
+    out = tmp_path / "out"
+    holder = _hold_lock(out)
+    try:
+        before = snapshot(tmp_path)
+        result = run_cli("run", DEMO, "--out", out, *FAST)
+        assert result.returncode == 1
+        message = result.stderr.strip()
+        assert "another run" in message and f"process {holder.pid}" in message and "\n" not in message
+        assert snapshot(tmp_path) == before
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code runs in the holder
+        holder.wait()
+    assert_ok(run_cli("run", DEMO, "--out", out, *FAST))  # the dead holder's lock went with it
+    assert not any(path.name.endswith(".lock") for path in tmp_path.iterdir())
+    reliability_case("fault", "two runs at once into the same --out", f"the second: exit 1: {message}; after the "
+                     "first was killed (SIGKILL), a new run went ahead: no stale lock")
+
+
+def test_lock_is_exclusive_in_process_too(tmp_path):
+    """Python front ends (web app, scripts) that run in-process use the same lock."""
+    from NormativeAnomalyLib.errors import OutputError
+
+    with output_lock(tmp_path / "out"):
+        with pytest.raises(OutputError, match="another run"):
+            with output_lock(tmp_path / "out"):
+                pass
+    with output_lock(tmp_path / "out"):  # released: free again
+        pass
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in OUTPUT_FILES if (out / name).exists()}
+
+
+def test_run_killed_while_writing_leaves_old_or_new_complete_set(tmp_path, reliability_case):
+    """SIGKILL (no clean-up possible) at the moment the run starts writing, over a previous result
+    with --overwrite: the folder holds the previous set or the new one, each complete."""
+    out = tmp_path / "out"
+    assert_ok(run_cli("run", DEMO, "--out", out, *FAST))
+    previous = _outputs(out)
+    env = dict(os.environ, PYTHONPATH=str(LIBRARY_ROOT))
+    run = subprocess.Popen([sys.executable, "-m", "NormativeAnomalyLib.cli", "run", str(DEMO), "--out", str(out),
+                            "--overwrite", "--fpr", "0.05", "--progress-lines", *FAST], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in run.stdout:
+        if "writing" in line:
+            run.send_signal(signal.SIGKILL)
+            break
+    run.wait(timeout=300)
+    assert run.returncode == -signal.SIGKILL
+    now = _outputs(out)
+    assert set(now) == set(OUTPUT_FILES)  # never a partial set
+    summary = json.loads(now["run.json"])  # and never a half-written file
+    state = "previous" if now == previous else "new"
+    if state == "new":
+        assert summary["threshold_healthy_fpr"] == pytest.approx(0.05)
+    reliability_case("fault", "run killed (SIGKILL) as it starts writing over a previous result (--overwrite)",
+                     f"the folder held the {state} complete set; no half-written file")
+
+
+def test_failed_write_keeps_the_previous_outputs(tmp_path, monkeypatch, template_t1_path, reliability_case):
+    """The disk fills up (OSError) while the report is written: the earlier outputs stay as they were."""
+    from NormativeAnomalyLib import outputs
+    from NormativeAnomalyLib.errors import NormativeAnomalyError
+    from NormativeAnomalyLib.models import resolve_model
+    from NormativeAnomalyLib.pipeline import RunOptions, detect_anomalies
+    from NormativeAnomalyLib.volume_io import read_volume
+
+    result = detect_anomalies(read_volume(template_t1_path), resolve_model("intensity-t1"), RunOptions(registered=True))
+    out = tmp_path / "out"
+    outputs.write_outputs(result, out)
+    before = snapshot(tmp_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outputs, "write_report", disk_full)
+    with pytest.raises((OSError, NormativeAnomalyError)) as error:
+        outputs.write_outputs(result, out, overwrite=True)
+    assert snapshot(tmp_path) == before  # previous set intact, no staging folder left
+    reliability_case("fault", "disk full while writing the outputs (over a previous result)",
+                     f"the run failed ({error.value}); the previous outputs byte-identical, no staging folder left")
