@@ -8,18 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from test_cli import LIBRARY_ROOT, REPO, assert_ok, run_cli, snapshot
+from test_cli import LIBRARY_ROOT, assert_ok, run_cli, snapshot
 
 from NormativeAnomalyLib.outputs import OUTPUT_FILES, output_lock
 
 pytestmark = pytest.mark.reliability
 
-DEMO = REPO / "Resources" / "SampleData" / "demo_t1.nii.gz"
-FAST = ("--model", "intensity-t1", "--quiet")
+FAST = ("--model", "intensity-t1", "--registered", "--quiet")  # the template itself: no registration needed
 
 
 def _hold_lock(out: Path) -> subprocess.Popen:
@@ -32,12 +30,12 @@ def _hold_lock(out: Path) -> subprocess.Popen:
     return holder
 
 
-def test_second_run_into_the_same_folder_is_refused(tmp_path, reliability_case):
+def test_second_run_into_the_same_folder_is_refused(tmp_path, template_t1_path, reliability_case):
     out = tmp_path / "out"
     holder = _hold_lock(out)
     try:
         before = snapshot(tmp_path)
-        result = run_cli("run", DEMO, "--out", out, *FAST)
+        result = run_cli("run", template_t1_path, "--out", out, *FAST)
         assert result.returncode == 1
         message = result.stderr.strip()
         assert "another run" in message and f"process {holder.pid}" in message and "\n" not in message
@@ -45,7 +43,7 @@ def test_second_run_into_the_same_folder_is_refused(tmp_path, reliability_case):
     finally:
         holder.kill()  # SIGKILL: no clean-up code runs in the holder
         holder.wait()
-    assert_ok(run_cli("run", DEMO, "--out", out, *FAST))  # the dead holder's lock went with it
+    assert_ok(run_cli("run", template_t1_path, "--out", out, *FAST))  # the dead holder's lock went with it
     assert not any(path.name.endswith(".lock") for path in tmp_path.iterdir())
     reliability_case("fault", "two runs at once into the same --out", f"the second: exit 1: {message}; after the "
                      "first was killed (SIGKILL), a new run went ahead: no stale lock")
@@ -67,15 +65,15 @@ def _outputs(out: Path) -> dict[str, bytes]:
     return {name: (out / name).read_bytes() for name in OUTPUT_FILES if (out / name).exists()}
 
 
-def test_run_killed_while_writing_leaves_old_or_new_complete_set(tmp_path, reliability_case):
+def test_run_killed_while_writing_leaves_old_or_new_complete_set(tmp_path, template_t1_path, reliability_case):
     """SIGKILL (no clean-up possible) at the moment the run starts writing, over a previous result
     with --overwrite: the folder holds the previous set or the new one, each complete."""
     out = tmp_path / "out"
-    assert_ok(run_cli("run", DEMO, "--out", out, *FAST))
+    assert_ok(run_cli("run", template_t1_path, "--out", out, *FAST))
     previous = _outputs(out)
     env = dict(os.environ, PYTHONPATH=str(LIBRARY_ROOT))
-    run = subprocess.Popen([sys.executable, "-m", "NormativeAnomalyLib.cli", "run", str(DEMO), "--out", str(out),
-                            "--overwrite", "--fpr", "0.05", "--progress-lines", *FAST], stdout=subprocess.PIPE,
+    run = subprocess.Popen([sys.executable, "-m", "NormativeAnomalyLib.cli", "run", str(template_t1_path),
+                            "--out", str(out), "--overwrite", "--fpr", "0.05", "--progress-lines", *FAST], stdout=subprocess.PIPE,
                            stderr=subprocess.DEVNULL, text=True, env=env)
     for line in run.stdout:
         if "writing" in line:

@@ -120,7 +120,7 @@ def falsely_registered(tmp: Path) -> Path:
 # (builder, extra CLI arguments, a word the one-line message must contain, description)
 REFUSED = [
     pytest.param(tiny_volume, [], "at least 8", "tiny volume, 5x5x5 voxels", id="tiny"),
-    pytest.param(huge_volume_header, [], "over the limit", "1024^3 float volume (4 GB), header only", id="huge"),
+    pytest.param(huge_volume_header, [], "over the limit", "1024^3 float volume (4 GiB; a sparse file)", id="huge"),
     pytest.param(label_map, [], "label map", "a label map (the demo's lesion mask) given as the scan", id="label-map"),
     pytest.param(corrupt_nrrd_header, [], "cannot be read", "NRRD header with a non-numeric size", id="bad-nrrd"),
     pytest.param(corrupt_nifti_header, [], "cannot be read", "NIfTI header claiming 9 dimensions", id="bad-nifti"),

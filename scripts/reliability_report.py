@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-AREA_ORDER = ("input volume", "options", "output folder", "model package", "fault", "batch")
+AREA_ORDER = ("input volume", "options", "output folder", "model package", "model package archive", "fault", "batch")
 
 
 def run_tests(log: Path, pytest_args: list[str]) -> int:
@@ -31,7 +32,12 @@ def run_tests(log: Path, pytest_args: list[str]) -> int:
     return subprocess.run(command, cwd=REPO).returncode
 
 
+# Paths that differ from run to run: pytest's temporary folders and this checkout.
+TEMPORARY = re.compile(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/\s]+|/tmp/[^/\s]*tmp[^/\s]*")
+
+
 def _escape(text: str) -> str:
+    text = TEMPORARY.sub("TMP", text).replace(str(REPO), "REPO")
     return text.replace("|", "\\|").replace("\n", " ")
 
 
@@ -49,6 +55,7 @@ def render(rows: list[dict]) -> str:
         "(for a refusal, the exact one-line message it printed), and what the test checked afterwards:",
         "**nothing lost** (no user file changed, no partial output left behind) and **no code ran** (nothing",
         "from the input executed: pickle payloads leave a marker file if they run).",
+        "Paths are shortened: TMP is the test's temporary folder, REPO this checkout.",
         "",
         f"{len(rows)} cases, {len(rows) - len(failed)} passed" + (f", **{len(failed)} FAILED**" if failed else "") + ".",
         "",

@@ -9,9 +9,13 @@ beyond the displacement, which is what makes the mask exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 
 @dataclass(frozen=True)
