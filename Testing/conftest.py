@@ -3,6 +3,7 @@ small denoising autoencoder really trained once per test session (about 20 s on 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "NormativeAnomaly"))  # the core library, without installing it
+# Child processes write UTF-8 (tqdm's bars) whatever the machine's locale; the tests decode it so.
+os.environ.setdefault("PYTHONIOENCODING", "utf-8")
 
 DATA = Path(__file__).resolve().parent / "Data"
 TEMPLATE_NAME = "icbm152_2009c_t1_2mm"

@@ -171,7 +171,7 @@ def test_torchrun_two_workers_share_the_cases(cohort, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "NormativeAnomaly"))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "NormativeAnomalyLib.cli", "batch", str(listing), "--out", str(out), *FAST],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     records = log_records(out)
     assert sorted(r["case_id"] for r in records) == ["S0", "S1", "S2", "S3"]  # each exactly once

@@ -39,7 +39,7 @@ def run_cli(*args, timeout: float = 900) -> subprocess.CompletedProcess:
     """``normative-anomaly ARGS`` in a fresh interpreter, without installation."""
     env = dict(os.environ, PYTHONPATH=str(LIBRARY_ROOT))
     return subprocess.run([sys.executable, "-m", "NormativeAnomalyLib.cli", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=timeout)
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:

@@ -100,7 +100,7 @@ def test_what_slicer_imports_pulls_in_neither_torch_nor_monai():
             "from NormativeAnomalyLib.models import available_models, read_card; "
             "[read_card(m['path']) for m in available_models()]; "
             "print(sorted(m for m in ('torch', 'monai', 'safetensors') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=MODULE,
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=MODULE,
                             env={**__import__("os").environ, "PYTHONPATH": str(MODULE)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"

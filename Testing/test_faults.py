@@ -24,7 +24,7 @@ def _hold_lock(out: Path) -> subprocess.Popen:
     """Another process holding the output lock of ``out`` (as a run does while it computes)."""
     code = ("import sys, time; from NormativeAnomalyLib.outputs import output_lock\n"
             f"with output_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(600)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, encoding="utf-8",
                               env=dict(os.environ, PYTHONPATH=str(LIBRARY_ROOT)))
     assert holder.stdout.readline().strip() == "locked"
     return holder
@@ -74,7 +74,7 @@ def test_run_killed_while_writing_leaves_old_or_new_complete_set(tmp_path, templ
     env = dict(os.environ, PYTHONPATH=str(LIBRARY_ROOT))
     run = subprocess.Popen([sys.executable, "-m", "NormativeAnomalyLib.cli", "run", str(template_t1_path),
                             "--out", str(out), "--overwrite", "--fpr", "0.05", "--progress-lines", *FAST], stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL, text=True, env=env)
+                           stderr=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace", env=env)
     for line in run.stdout:
         if "writing" in line:
             run.send_signal(signal.SIGKILL)

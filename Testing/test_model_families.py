@@ -98,7 +98,7 @@ def test_diffusion_runs_with_two_steps_and_writes_an_uncertainty_map(family_pack
     result = subprocess.run([sys.executable, "-m", "NormativeAnomalyLib.cli", "run", str(real_t1_head_path),
                              "--model", str(package.path), "--out", str(out), "--diffusion-steps", "2",
                              "--noise-level", "30", "--samples", "3", "--quiet"],
-                            capture_output=True, text=True, env=env, timeout=600)
+                            capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=600)
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "run.json").read_text())
     assert "uncertainty_map.nii.gz" in summary["outputs"]
@@ -127,7 +127,7 @@ def test_diffusion_options_are_refused_for_other_families(family_packages, real_
     env = dict(os.environ, PYTHONPATH=str(REPO / "NormativeAnomaly"))
     result = subprocess.run([sys.executable, "-m", "NormativeAnomalyLib.cli", "run", str(real_t1_head_path),
                              "--model", str(family_packages["ae"].path), "--out", str(tmp_path / "out"),
-                             "--samples", "4"], capture_output=True, text=True, env=env, timeout=300)
+                             "--samples", "4"], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].endswith("'ae-test' is a ae model")
     assert not (tmp_path / "out").exists()

@@ -128,7 +128,7 @@ def test_two_process_torchrun_training(tmp_path, template_t1_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "NormativeAnomaly"))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(REPO / "scripts" / "train.py"), str(tmp_path / "config.json")],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     card = json.loads((tmp_path / "package" / "model.json").read_text())
     assert card["training"]["processes"] == 2 and card["training"]["steps"] == 4

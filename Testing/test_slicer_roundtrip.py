@@ -26,7 +26,7 @@ SEGMENT_ID = "Anomaly"
 def run_cli(*args, timeout: float = 900) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO / "NormativeAnomaly"))
     return subprocess.run([sys.executable, "-m", "NormativeAnomalyLib.cli", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

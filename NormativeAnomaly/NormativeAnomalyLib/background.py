@@ -60,10 +60,12 @@ class BackgroundRun:
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LIBRARY_PARENT),
                                                                   environment.get("PYTHONPATH")]))
         environment["PYTHONUNBUFFERED"] = "1"
+        environment["PYTHONIOENCODING"] = "utf-8"  # read back as UTF-8 below, whatever the locale
         # No console window on Windows (what slicer.util.launchConsoleProcess also does).
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
         self.process = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, text=True, bufsize=1, env=environment,
+                                        stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace",
+                                        bufsize=1, env=environment,
                                         creationflags=flags, start_new_session=os.name == "posix")
         self.lines: deque[str] = deque(maxlen=200)  # the child's log, progress lines excepted
         self._stage, self._fraction = "starting", 0.0
