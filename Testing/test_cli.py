@@ -216,6 +216,27 @@ def test_models_json():
     assert Path(row["path"]).is_dir()
 
 
+def test_models_lists_installed_packages_and_a_broken_one_with_its_error(tmp_path):
+    """Packages installed with ``models install`` (the user's models folder) are listed after
+    the bundled ones; a tampered one is listed as unusable, not a crash."""
+    root = tmp_path / "models"
+    for name in ("ae3d-mine", "ae3d-broken"):
+        shutil.copytree(REPO / "Resources" / "Models" / "ae3d-t1", root / name)
+        card = read_json(root / name / "model.json")
+        card["name"] = name
+        (root / name / "model.json").write_text(json.dumps(card))
+    weights = root / "ae3d-broken" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
+    env = dict(os.environ, PYTHONPATH=str(LIBRARY_ROOT), NORMATIVE_ANOMALY_MODELS=str(root))
+    result = subprocess.run([sys.executable, "-m", "NormativeAnomalyLib.cli", "models", "--json"], capture_output=True,
+                            text=True, encoding="utf-8", errors="replace", env=env, timeout=300)
+    assert_ok(result)
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["ae3d-mine"]["installed"] and rows["ae3d-mine"]["family"] == "ae"
+    assert rows["ae3d-broken"]["installed"] and "SHA-256" in rows["ae3d-broken"]["error"]
+    assert not rows[default_model_name()]["installed"]
+
+
 # --- bad input ---------------------------------------------------------------------------
 
 

@@ -238,22 +238,35 @@ def _dice(predicted, truth_path: Path) -> float | None:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .models import available_models, load_package
+    """The bundled packages, then those installed with ``models install`` (a broken one is listed
+    with its error instead of stopping the listing)."""
+    from .models import available_models, installed_model_names, load_package
+    from .resources import user_models_dir
 
+    entries = [(entry["path"], entry["default"], False) for entry in available_models()]
+    entries += [(user_models_dir() / name, False, True) for name in installed_model_names()]
     rows = []
-    for entry in available_models():
-        card = load_package(entry["path"]).card
-        rows.append({"name": card["name"], "default": entry["default"], "family": card["family"],
+    for path, default, installed in entries:
+        try:
+            card = load_package(path).card
+        except NormativeAnomalyError as error:
+            rows.append({"name": path.name, "default": default, "installed": installed, "error": str(error),
+                         "path": str(path)})
+            continue
+        rows.append({"name": card["name"], "default": default, "installed": installed, "family": card["family"],
                      "modality": card["modality"], "dims": card["dims"], "version": card["version"],
                      "template": card["template"]["name"], "description": card["description"],
                      "training_data": card["training"].get("data", ""), "license": card["license"],
-                     "path": str(entry["path"])})
+                     "path": str(path)})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for row in rows:
-            mark = " (default)" if row["default"] else ""
-            print(f"{row['name']}{mark}: {row['family']}, {row['modality']}, {row['dims']}D - {row['description']}")
+            mark = " (default)" if row["default"] else " (installed)" if row["installed"] else ""
+            if "error" in row:
+                print(f"{row['name']}{mark}: unusable - {row['error']}")
+            else:
+                print(f"{row['name']}{mark}: {row['family']}, {row['modality']}, {row['dims']}D - {row['description']}")
     return 0
 
 
