@@ -235,6 +235,12 @@ def test_models_lists_installed_packages_and_a_broken_one_with_its_error(tmp_pat
     assert rows["ae3d-mine"]["installed"] and rows["ae3d-mine"]["family"] == "ae"
     assert rows["ae3d-broken"]["installed"] and "SHA-256" in rows["ae3d-broken"]["error"]
     assert not rows[default_model_name()]["installed"]
+    # What the Slicer panel's model selector lists (read as plain JSON, without torch)
+    from NormativeAnomalyLib.models import model_summaries
+
+    summaries = {summary["name"]: summary for summary in model_summaries(user_root=root)}
+    assert summaries["ae3d-mine"]["installed"] and summaries["ae3d-mine"]["family"] == "ae"
+    assert summaries["ae3d-broken"]["installed"] and not summaries[default_model_name()]["installed"]
 
 
 # --- bad input ---------------------------------------------------------------------------

@@ -38,12 +38,17 @@ def available_models(root: Path | None = None) -> list[dict[str, Any]]:
 SUMMARY_FIELDS = ("version", "family", "modality", "dims", "description", "license")
 
 
-def model_summaries(root: Path | None = None) -> list[dict[str, Any]]:
-    """What a model selector shows: ``available_models`` entries plus the card's summary fields,
-    the default first. Cards are read as plain JSON, not validated (loading the package does
-    that), so listing needs neither torch nor jsonschema; an unreadable card gives ``error``."""
+def model_summaries(root: Path | None = None, user_root: Path | None = None) -> list[dict[str, Any]]:
+    """What a model selector shows: ``available_models`` entries, then the packages installed in
+    the user's models folder (``installed``: True), plus the card's summary fields, the default
+    first. Cards are read as plain JSON, not validated (loading the package does that), so
+    listing needs neither torch nor jsonschema; an unreadable card gives ``error``."""
+    entries = [dict(entry, installed=False) for entry in available_models(root)]
+    user_root = user_root or user_models_dir()
+    entries += [{"name": name, "path": user_root / name, "default": False, "installed": True}
+                for name in installed_model_names(user_root)]
     summaries = []
-    for entry in available_models(root):
+    for entry in entries:
         summary = dict(entry)
         try:
             card = json.loads((entry["path"] / CARD_FILE).read_text(encoding="utf-8"))
