@@ -27,7 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .errors import Cancelled, NormativeAnomalyError
+from .errors import Cancelled, NormativeAnomalyError, one_line
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 SUMMARY_FILE, LOG_FOLDER = "summary.csv", ".batch"
@@ -257,9 +257,6 @@ def _wait_for_all(worker: Worker, cancel: Callable[[], bool]) -> None:
 
 # --- One case -----------------------------------------------------------------------------
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
 
 def _finished_record(case: Case, run_json: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """A finished case: skipped, with its figures from run.json; or failed when that run was
@@ -267,7 +264,7 @@ def _finished_record(case: Case, run_json: Path, settings: dict[str, Any]) -> di
     try:
         previous = json.loads(run_json.read_text())
     except (OSError, ValueError) as error:
-        return {"status": FAILED, "error": f"{run_json} cannot be read: {_one_line(error)}"}
+        return {"status": FAILED, "error": f"{run_json} cannot be read: {one_line(error)}"}
     if previous.get("input") != str(case.input):
         return {"status": FAILED, "error": f"{run_json.parent} holds the outputs of another input "
                                            f"({previous.get('input')}); give this case another id or --out"}
@@ -307,11 +304,11 @@ def _run_case(case: Case, out: Path, package, options, settings: dict[str, Any],
     except Cancelled:
         raise
     except NormativeAnomalyError as error:
-        return {"status": FAILED, "error": _one_line(error)}
+        return {"status": FAILED, "error": one_line(error)}
     except Exception as error:  # one odd scan must not stop a cohort; still one line
         if reraise_internal:
             raise
-        return {"status": FAILED, "error": f"internal error ({type(error).__name__}: {_one_line(error)})"}
+        return {"status": FAILED, "error": f"internal error ({type(error).__name__}: {one_line(error)})"}
     return {"status": OK} | _figures(summary)
 
 

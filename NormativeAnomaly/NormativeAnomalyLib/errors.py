@@ -5,6 +5,12 @@ setting at fault and say what to do.
 """
 
 
+def one_line(error: BaseException | str) -> str:
+    """A message folded onto one line: libraries (nibabel, MONAI constructors, zipfile) write
+    several, and front ends show exactly one."""
+    return " ".join(str(error).split()) or (type(error).__name__ if isinstance(error, BaseException) else "")
+
+
 class NormativeAnomalyError(Exception):
     """Base class: an expected failure with a message meant for the user."""
 

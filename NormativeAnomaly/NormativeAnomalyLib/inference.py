@@ -119,15 +119,6 @@ def reconstruct(package: ModelPackage, image: np.ndarray, brain_mask: np.ndarray
     return run_inference(package, image, brain_mask, device, monitor, batch_size, diffusion, precision).reconstruction
 
 
-def reconstruct_with_uncertainty(package: ModelPackage, image: np.ndarray, brain_mask: np.ndarray,
-                                 device: torch.device, monitor: Monitor | None = None, batch_size: int | None = None,
-                                 diffusion: dict[str, Any] | None = None, precision: str = "auto"
-                                 ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(reconstruction, variance): see :func:`run_inference`."""
-    result = run_inference(package, image, brain_mask, device, monitor, batch_size, diffusion, precision)
-    return result.reconstruction, result.variance
-
-
 def run_inference(package: ModelPackage, image: np.ndarray, brain_mask: np.ndarray, device: torch.device,
                   monitor: Monitor | None = None, batch_size: int | None = None,
                   diffusion: dict[str, Any] | None = None, precision: str = "auto") -> Inference:

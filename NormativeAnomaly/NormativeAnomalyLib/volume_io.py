@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputVolumeError, OutputError
+from .errors import InputVolumeError, OutputError, one_line
 
 # A 512^3 float32 volume is 0.5 GB; the pipeline holds a few copies. Larger inputs are
 # refused rather than risking the host (Slicer shares this process).
@@ -65,7 +65,7 @@ def _check_nifti_data(path: Path, name: str) -> None:
         data = np.asanyarray(nibabel.load(str(path)).dataobj)
     except Exception as error:  # nibabel, gzip and zlib raise several types for a cut file
         # nibabel's messages run over several lines ("...\n - could the file be damaged?")
-        raise InputVolumeError(f"{name} is corrupt or truncated: {' '.join(str(error).split())}") from None
+        raise InputVolumeError(f"{name} is corrupt or truncated: {one_line(error)}") from None
     finally:
         nibabel_log.setLevel(level)
     if data.dtype.kind in "fc":

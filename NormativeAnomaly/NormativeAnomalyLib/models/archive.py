@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from ..errors import ModelPackageError
+from ..errors import ModelPackageError, one_line
 from .package import MAX_CARD_BYTES, MAX_WEIGHTS_BYTES, load_package
 from .registry import available_models
 
@@ -82,7 +82,7 @@ def _unpack(archive_path: Path, staging: Path) -> None:
                 with open_member(member) as source, open(staging / file_name, "xb") as target:
                     _copy_counted(source, target, member, archive_path)
     except _READ_ERRORS as error:
-        detail = " ".join(str(error).split())[:200]
+        detail = one_line(error)[:200]
         raise ModelPackageError(f"{archive_path}: not a readable archive ({type(error).__name__}: {detail})") from None
 
 

@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ModelPackageError
+from ..errors import ModelPackageError, one_line
 from ..scoring import Calibration
 from ..templates import Template, load_template, sha256_of
 
@@ -84,9 +84,9 @@ class ModelPackage:
                 skeleton = build_network(self.card["network"])
             expected = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
         except ModelPackageError as error:  # kept to one line: the constructor's own message may not be
-            raise ModelPackageError(" ".join(str(error).split())) from None
+            raise ModelPackageError(one_line(error)) from None
         except Exception as error:  # the arguments are a stranger's data: any constructor failure is the card's fault
-            detail = " ".join(str(error).split())[:200]
+            detail = one_line(error)[:200]
             raise ModelPackageError(f"model '{self.name}': its network cannot be built from the card's arguments "
                                     f"({type(error).__name__}: {detail})") from None
         problem = _first_mismatch(expected, {key: tuple(value.shape) for key, value in self.state_dict.items()})
