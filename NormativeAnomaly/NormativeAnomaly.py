@@ -217,33 +217,34 @@ class NormativeAnomalyLogic(ScriptedLoadableModuleLogic):
         It is only passed on for diffusion models (ignored, with a warning, for a registered model of
         another family; a model given by folder is left to the command-line tool to judge).
         ``acceptPoorAlignment`` runs even when the registered input does not look like the template."""
-        from NormativeAnomalySlicer import run_controller
-        from NormativeAnomalySlicer.model_cards import diffusionSettings, isDiffusionModel
+        from NormativeAnomalyLib.mrml import run_controller
+        from NormativeAnomalyLib.models.registry import card_diffusion_settings, is_diffusion_model
 
         card = self.modelCard(modelName)
-        if diffusion and card is not None and not isDiffusionModel(card):
+        if diffusion and card is not None and not is_diffusion_model(card):
             logging.warning(f"NormativeAnomaly: {modelName} is not a diffusion model: diffusion settings ignored")
             diffusion = None
-        return run_controller.startRun(inputVolume, modelName, device, alreadyInTemplateSpace, brainMask,
-                                       slicer.app.temporaryPath, diffusion=diffusion,
-                                       diffusionCard=diffusionSettings(card), acceptPoorAlignment=acceptPoorAlignment)
+        return run_controller.start_run(inputVolume, modelName, device, alreadyInTemplateSpace, brainMask,
+                                        slicer.app.temporaryPath, diffusion=diffusion,
+                                        diffusion_card=card_diffusion_settings(card),
+                                        accept_poor_alignment=acceptPoorAlignment)
 
     def waitForRun(self, handle, timeoutSeconds: float = 3600.0):
         """Block (keeping the application responsive) until the run ends; returns its RunState."""
-        from NormativeAnomalySlicer import run_controller
+        from NormativeAnomalyLib.mrml import run_controller
 
-        return run_controller.waitForRun(handle, timeoutSeconds, slicer.app.processEvents)
+        return run_controller.wait_for_run(handle, timeoutSeconds, slicer.app.processEvents)
 
     def cancelRun(self, handle):
-        from NormativeAnomalySlicer import run_controller
+        from NormativeAnomalyLib.mrml import run_controller
 
-        return run_controller.cancelRun(handle)
+        return run_controller.cancel_run(handle)
 
     def finishRun(self, handle):
         """Load a finished run (all or nothing): returns (ResultNodes, LiveSegmentation)."""
-        from NormativeAnomalySlicer import run_controller
+        from NormativeAnomalyLib.mrml import run_controller
 
-        return run_controller.finishRun(handle, slicer.mrmlScene, slicer.modules.colors.logic())
+        return run_controller.finish_run(handle, slicer.mrmlScene, slicer.modules.colors.logic())
 
 
 class NormativeAnomalyTest(ScriptedLoadableModuleTest, NormativeAnomalySelfTests):

@@ -30,7 +30,7 @@ from NormativeAnomalyLib.mrml.export import EXPORT_FILES, export_result  # noqa:
 from NormativeAnomalyLib.mrml.lesion_table import read_lesion_table  # noqa: E402
 from NormativeAnomalyLib.mrml.result_nodes import SEGMENT_ID, ResultNodes  # noqa: E402
 from NormativeAnomalyLib.mrml.scene import create_scene  # noqa: E402
-from NormativeAnomalyLib.mrml.volumes import ijk_to_ras  # noqa: E402
+from NormativeAnomalyLib.mrml.volumes import ijk_to_ras, load_volume_file  # noqa: E402
 from NormativeAnomalyLib.progress import Monitor  # noqa: E402
 from NormativeAnomalyLib.run_outputs import read_run_folder  # noqa: E402
 
@@ -107,16 +107,7 @@ def test_background_run_reports_the_cli_error_in_one_line(tmp_path):
 
 
 def load_input(standalone, path: Path, name: str = "demo_t1"):
-    node = standalone.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    storage = standalone.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node) == 1
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    node.CreateDefaultDisplayNodes()
-    # Slicer's subject-hierarchy plugins give every loaded node an item; bare MRML does not.
-    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(standalone.scene)
-    sh.CreateItem(sh.GetSceneItemID(), node)
-    return node
+    return load_volume_file(standalone.scene, path, name)
 
 
 @pytest.fixture

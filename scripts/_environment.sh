@@ -10,7 +10,7 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "creating $venv ..." >&2
   python3 -m venv "$venv"
 fi
-stamp="$venv/.installed-$(cat requirements.txt "$requirements" pyproject.toml | sha256sum | cut -c1-16)"
+stamp="$venv/.installed-$(cat requirements*.txt "$requirements" pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "installing pinned requirements ($requirements) into $venv ..." >&2
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip

@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-AREA_ORDER = ("input volume", "options", "output folder", "model package", "model package archive", "fault", "batch")
+AREA_ORDER = ("input volume", "options", "output folder", "model package", "model package archive", "fault", "batch", "web app")
 
 
 def run_tests(log: Path, pytest_args: list[str]) -> int:

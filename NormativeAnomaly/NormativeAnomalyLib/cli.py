@@ -1,4 +1,4 @@
-"""``normative-anomaly``: the command-line front end (run, demo, batch, models).
+"""``normative-anomaly``: the command-line front end (run, demo, batch, models, serve).
 
 Errors the user can fix end with one line on stderr and a non-zero exit status; nothing
 the user had is overwritten unless ``--overwrite`` is given.
@@ -82,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument("--models-dir", type=Path, help="install here (default: $NORMATIVE_ANOMALY_MODELS or "
                          "~/.local/share/normative-anomaly/models)")
     install.add_argument("--overwrite", action="store_true", help="replace an installed package of the same name")
+
+    serve = commands.add_parser("serve", help="the web app: open the printed address in a browser "
+                                "(needs the web requirements, see README)")
+    try:
+        from NormativeAnomalyWeb.server import add_arguments
+    except ImportError:  # the web package is not installed (Slicer's copy of the library)
+        pass
+    else:
+        add_arguments(serve)
     return parser
 
 
@@ -279,6 +288,16 @@ def _install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from NormativeAnomalyWeb.server import serve
+        import trame_slicer  # noqa: F401
+    except ImportError as error:
+        raise NormativeAnomalyError(f"the web app needs its requirements ({error.name} is missing): "
+                                    "pip install -r requirements-test.txt") from None
+    return serve(args)
+
+
 def _print_summary(summary: dict[str, Any], out: Path, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
@@ -306,6 +325,8 @@ def _request_cancel(signum, frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":  # a server: Ctrl-C stops it (no run to cancel in this process)
+        return _main(args)
     _cancel_requested.clear()
     in_main_thread = threading.current_thread() is threading.main_thread()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -325,6 +346,8 @@ def _main(args: argparse.Namespace) -> int:
             return _models(args)
         if args.command == "batch":
             return _batch(args)
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "demo":
             from .resources import sample_data_dir
 

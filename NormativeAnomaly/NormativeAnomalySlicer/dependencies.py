@@ -16,8 +16,7 @@ from typing import Any, Callable, Optional
 
 import qt
 import slicer
-
-from .run_controller import pythonExecutable
+from NormativeAnomalyLib.mrml.run_controller import python_executable as pythonExecutable
 
 try:
     from slicer.i18n import tr as _

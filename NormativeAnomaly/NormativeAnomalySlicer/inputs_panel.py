@@ -12,8 +12,10 @@ from typing import Any, Callable
 
 import slicer
 
-from .model_cards import cardHtml, diffusionSettings
-from .run_controller import DIFFUSION_NOISE_KINDS
+from NormativeAnomalyLib.models.registry import card_diffusion_settings
+from NormativeAnomalyLib.mrml.run_controller import DIFFUSION_NOISE_KINDS
+
+from .model_cards import cardHtml
 
 try:
     from slicer.i18n import tr as _
@@ -67,7 +69,7 @@ class InputsPanel:
         parameters = self._parameterNode()
         if parameters.modelName == modelName:
             return
-        settings = diffusionSettings(self.logic.modelCard(modelName))
+        settings = card_diffusion_settings(self.logic.modelCard(modelName))
         with slicer.util.NodeModify(parameters):  # one Modified event for the whole change
             parameters.modelName = modelName
             if settings is not None:

@@ -7,7 +7,6 @@ changes and ``onSettingsChanged`` / ``showResult`` on any parameter change.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -16,9 +15,10 @@ import slicer
 
 from NormativeAnomalyLib.errors import NormativeAnomalyError
 from NormativeAnomalyLib.mrml import LiveSegmentation, ResultNodes, SegmentationFrozenError
+from NormativeAnomalyLib.mrml.live_segmentation import threshold_range
 from NormativeAnomalyLib.mrml.display import OVERLAY_FLOOR_FPR, centre_on, show_result
 from NormativeAnomalyLib.mrml.export import EXPORT_FILES, export_result
-from NormativeAnomalyLib.mrml.lesion_table import read_lesion_table
+from NormativeAnomalyLib.mrml.lesion_table import read_lesion_table, summarize
 from NormativeAnomalyLib.mrml.result_nodes import RESULT_ATTRIBUTE, SEGMENT_ID
 
 try:
@@ -120,17 +120,13 @@ class ResultsPanel:
             self._setThresholdRange(self.nodes)
 
     def _setThresholdRange(self, nodes: ResultNodes) -> None:
-        """0 to 1.5 x the threshold at the smallest calibrated false-positive rate (or the map's maximum)."""
-        top = nodes.calibration.threshold[0] * 1.5
-        if not top > 0:
-            top = nodes.anomaly_map.GetImageData().GetScalarRange()[1]
-        top = max(top, nodes.threshold, 1e-6)  # never below the saved value: the slider would clamp it
-        step = 10.0 ** math.floor(math.log10(top / 1000.0))
+        """The slider's range and step: the MRML layer's ``threshold_range`` (the web app's too)."""
+        sliderRange = threshold_range(nodes)
         slider = self.ui.thresholdSliderWidget
-        slider.decimals = max(0, -math.floor(math.log10(step)))
-        slider.singleStep = step
-        slider.pageStep = step * 10
-        slider.setRange(0.0, top)
+        slider.decimals = sliderRange.decimals
+        slider.singleStep = sliderRange.step
+        slider.pageStep = sliderRange.step * 10
+        slider.setRange(0.0, sliderRange.maximum)
         # The slider rounds values to its decimals: a difference smaller than that is no change.
         self._thresholdTolerance = 0.5 * 10.0 ** -slider.decimals
 
@@ -227,10 +223,9 @@ class ResultsPanel:
         if self.nodes is None:
             self.ui.lesionSummaryLabel.text = ""
             return
-        rows = read_lesion_table(self.nodes.lesion_table)
-        kept = [row for row in rows if row.get("Status") != "rejected"]
+        summary = summarize(read_lesion_table(self.nodes.lesion_table))
         text = _("{kept} lesion(s) kept ({volume:.2f} mL), {rejected} rejected").format(
-            kept=len(kept), volume=sum(row["Volume"] for row in kept), rejected=len(rows) - len(kept))
+            kept=summary.kept, volume=summary.kept_ml, rejected=summary.rejected)
         if self.nodes.frozen:
             text += " " + _("(edited by hand since: the table shows the thresholded lesions)")
         self.ui.lesionSummaryLabel.text = text

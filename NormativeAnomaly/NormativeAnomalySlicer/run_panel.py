@@ -12,9 +12,10 @@ from typing import Any, Callable, Optional
 import qt
 import slicer
 
+from NormativeAnomalyLib.models.registry import is_diffusion_model
+from NormativeAnomalyLib.mrml.run_controller import RunFailedError, stage_text
+
 from .dependencies import DependencyProbe, deviceText, installDependencies, missingPackages
-from .model_cards import isDiffusionModel
-from .run_controller import RunFailedError, stageText
 
 try:
     from slicer.i18n import tr as _
@@ -75,7 +76,7 @@ class RunPanel:
         self.ui.diffusionGroupBox.enabled = diffusion and not self.running
 
     def _isDiffusionModel(self, modelName: str) -> bool:
-        return isDiffusionModel(self.logic.modelCard(modelName))
+        return is_diffusion_model(self.logic.modelCard(modelName))
 
     def _diffusionSettings(self, parameters) -> Optional[dict]:
         """The run's diffusion settings (as the panel shows them), for diffusion models only."""
@@ -165,7 +166,7 @@ class RunPanel:
         state = handle.poll()
         self.ui.progressBar.value = int(round(100 * state.fraction))
         if state.running:
-            self._showStatus(stageText(state.stage))
+            self._showStatus(stage_text(state.stage))
             return
         self._timer.stop()
         self.handle = None

@@ -47,7 +47,7 @@ class NormativeAnomalySelfTests:
         state = logic.waitForRun(handle, timeoutSeconds=1800)
         self.assertEqual(state.returncode, 0, f"run failed: {state.message}")
         nodes, live = logic.finishRun(handle)
-        self.assertFalse(os.path.exists(handle.workDir))
+        self.assertFalse(os.path.exists(handle.work_dir))
 
         for volume in (nodes.pseudo_healthy, nodes.anomaly_map):
             self._assertOnInputGrid(volume, inputVolume)
@@ -120,9 +120,9 @@ class NormativeAnomalySelfTests:
 
         settle()
         # Controls that only apply to diffusion models and to results with an uncertainty map.
-        from NormativeAnomalySlicer.model_cards import isDiffusionModel
+        from NormativeAnomalyLib.models.registry import is_diffusion_model
         self.assertEqual(widget.ui.diffusionGroupBox.isHidden(),
-                         not isDiffusionModel(logic.modelCard(widget.ui.modelSelector.currentData)))
+                         not is_diffusion_model(logic.modelCard(widget.ui.modelSelector.currentData)))
         self.assertEqual(widget.ui.showUncertaintyCheckBox.enabled, nodes.uncertainty_map is not None)
         slider = widget.ui.thresholdSliderWidget
         lower = round(0.6 * nodes.threshold, slider.decimals)
@@ -161,7 +161,7 @@ class NormativeAnomalySelfTests:
         handle = logic.startRun(inputVolume, logic.defaultModelName())
         logic.cancelRun(handle)
         self.assertIsNotNone(handle.run.process.poll())
-        self.assertFalse(os.path.exists(handle.workDir))
+        self.assertFalse(os.path.exists(handle.work_dir))
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
         self.delayDisplay("Test passed")
 
@@ -170,10 +170,10 @@ class NormativeAnomalySelfTests:
         run (2 samples of 2 denoising steps) gives an uncertainty map on the input's grid, shown on demand.
         Skipped when no diffusion model is registered."""
         from NormativeAnomalyLib.mrml.display import show_result
-        from NormativeAnomalySlicer.model_cards import diffusionSettings, isDiffusionModel
+        from NormativeAnomalyLib.models.registry import card_diffusion_settings, is_diffusion_model
 
         logic = self.newLogic()
-        model = next((model for model in logic.availableModels() if isDiffusionModel(model)), None)
+        model = next((model for model in logic.availableModels() if is_diffusion_model(model)), None)
         if model is None:
             self.delayDisplay("No diffusion model is registered: diffusion test skipped")
             return
@@ -188,7 +188,7 @@ class NormativeAnomalySelfTests:
             selector.currentIndex = other
         selector.currentIndex = selector.findData(model["name"])
         slicer.app.processEvents()
-        card = diffusionSettings(model)
+        card = card_diffusion_settings(model)
         parameters = widget.logic.getParameterNode()
         self.assertFalse(widget.ui.diffusionGroupBox.isHidden())
         self.assertEqual(parameters.modelName, model["name"])

@@ -8,6 +8,7 @@ of a package folder.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ from ..resources import models_dir, user_models_dir
 from .package import CARD_FILE, ModelPackage, load_package
 
 REGISTRY_FILE = "registry.json"
+DIFFUSION_FAMILY = "ddpm"
+# What a panel shows for a diffusion model whose card lacks a setting (the schema requires them all).
+DIFFUSION_FALLBACK = {"noise_level": 250, "steps": 10, "samples": 1, "noise": "coarse"}
 
 
 def _registry(root: Path | None = None) -> dict[str, Any]:
@@ -92,3 +96,23 @@ def resolve_model(name_or_path: str | None = None, root: Path | None = None,
         return load_package((user_root or user_models_dir()) / name_or_path)
     names = ", ".join([entry["name"] for entry in available_models(root)] + installed)
     raise ModelPackageError(f"unknown model '{name_or_path}': not a package folder, and not one of: {names}")
+
+
+def is_diffusion_model(summary: dict[str, Any] | None) -> bool:
+    """Whether a model summary is a diffusion model's (whose run takes the diffusion settings)."""
+    return bool(summary) and summary.get("family") == DIFFUSION_FAMILY
+
+
+def card_diffusion_settings(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A diffusion model's card settings (``inference.diffusion``: noise_level, steps, samples, noise,
+    train_timesteps...), with DIFFUSION_FALLBACK for what the card lacks; None for other models.
+    Read as plain JSON (no torch), for the Slicer panel and the web app."""
+    if not is_diffusion_model(summary):
+        return None
+    settings = dict(DIFFUSION_FALLBACK)
+    try:
+        card = json.loads((Path(summary["path"]) / CARD_FILE).read_text(encoding="utf-8"))
+        settings.update((card.get("inference") or {}).get("diffusion") or {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        logging.warning(f"cannot read the diffusion settings of {summary.get('name')!r}: {error}")
+    return settings

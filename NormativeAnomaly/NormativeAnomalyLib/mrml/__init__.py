@@ -10,6 +10,8 @@ Every function takes the scene or nodes it works on; nothing here reads ``slicer
 - ``live_segmentation``: threshold / minimum size / rejected lesions -> segment and table.
 - ``lesion_table``, ``display``, ``export``: the table node, slice-view layers and colours,
   files for hand-over.
+- ``run_controller``: one analysis as a CLI child process (temporary folder, progress, Cancel),
+  loaded into a scene all-or-nothing.
 - ``scene``: a scene with the logics Slicer would provide (tests, benchmark, web app).
 """
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import vtk
 
 from ..lesions import Segmentation
@@ -58,3 +60,16 @@ def read_lesion_table(table_node) -> list[dict]:
     for row in rows:
         row["ID"] = int(row["ID"])
     return rows
+
+
+@dataclass(frozen=True)
+class LesionSummary:
+    kept: int
+    kept_ml: float
+    rejected: int
+
+
+def summarize(rows: list[dict]) -> LesionSummary:
+    """Counts and kept volume of ``read_lesion_table`` rows (the panels' summary line)."""
+    kept = [row for row in rows if row.get("Status") != "rejected"]
+    return LesionSummary(len(kept), sum(row["Volume"] for row in kept), len(rows) - len(kept))

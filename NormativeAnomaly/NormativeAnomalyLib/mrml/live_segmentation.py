@@ -7,6 +7,9 @@ agree voxel for voxel), and writes only the bounding box of the lesions into the
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 import slicer
 import vtk
@@ -17,6 +20,25 @@ from ..lesions import LesionSegmenter, Segmentation
 from .lesion_table import write_lesion_table
 from .result_nodes import SEGMENT_ID, ResultNodes
 from .volumes import image_from_volume_node
+
+
+@dataclass(frozen=True)
+class ThresholdRange:
+    """What a threshold slider offers for a result (the Slicer panel's and the web app's)."""
+    maximum: float
+    step: float
+    decimals: int
+
+
+def threshold_range(nodes: ResultNodes) -> ThresholdRange:
+    """0 to 1.5 x the threshold at the smallest calibrated false-positive rate (or the map's maximum),
+    never below the saved threshold (a slider would clamp it), in about 1000 steps."""
+    top = nodes.calibration.threshold[0] * 1.5
+    if not top > 0:
+        top = nodes.anomaly_map.GetImageData().GetScalarRange()[1]
+    top = max(top, nodes.threshold, 1e-6)
+    step = 10.0 ** math.floor(math.log10(top / 1000.0))
+    return ThresholdRange(top, step, max(0, -math.floor(math.log10(step))))
 
 
 class SegmentationFrozenError(NormativeAnomalyError):

@@ -79,3 +79,24 @@ def add_volume_node(scene, image: sitk.Image, name: str, reference_node, node_cl
     node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
     node.CreateDefaultDisplayNodes()
     return node
+
+
+def load_volume_file(scene, path: str, name: str):
+    """A volume file as Slicer's Add Data loads it: a scalar volume node with its storage and display
+    nodes and a subject-hierarchy item (which Slicer's plugins would add). The file is read by MRML's
+    own reader; check it with ``volume_io.read_volume`` first for one-line errors on bad input."""
+    import slicer
+
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        scene.RemoveNode(storage)
+        raise OutputError(f"MRML could not read {path}")
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    node.CreateDefaultDisplayNodes()
+    subject_hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if subject_hierarchy is not None and not subject_hierarchy.GetItemByDataNode(node):
+        subject_hierarchy.CreateItem(subject_hierarchy.GetSceneItemID(), node)
+    return node

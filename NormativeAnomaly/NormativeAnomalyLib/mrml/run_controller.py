@@ -1,8 +1,8 @@
 """One analysis in a child process: temporary folder, ``normative-anomaly run``, loading the result.
 
-No GUI here: the module's Logic (and its test) call these functions, the widget polls the handle
-with a QTimer. The scene, the temporary root and the colour logic are parameters, so this also
-runs on a plain MRML scene.
+No GUI here: the Slicer module's Logic and the web app call these same functions (the Slicer
+widget polls the handle with a QTimer, the web app with an asyncio task). The scene, the
+temporary root and the colour logic are parameters, so this runs on any MRML scene.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ DIFFUSION_OPTIONS = {"noise_level": "--noise-level", "steps": "--diffusion-steps
 DIFFUSION_NOISE_KINDS = ("gaussian", "simplex", "coarse")  # the card schema's inference.diffusion.noise
 
 
-def stageText(stage: str) -> str:
+def stage_text(stage: str) -> str:
     """The status line for a stage of the CLI's progress lines."""
     texts = {
         "starting": _("Starting (loading PyTorch)..."),
@@ -49,7 +49,7 @@ def stageText(stage: str) -> str:
     return texts.get(stage, stage)
 
 
-def pythonExecutable() -> str:
+def python_executable() -> str:
     """PythonSlicer (what Slicer's own pip_install runs: it is on Slicer's PATH); this interpreter elsewhere."""
     return shutil.which("PythonSlicer") or sys.executable
 
@@ -69,16 +69,16 @@ class RunFailedError(RuntimeError):
 @dataclass
 class RunHandle:
     run: BackgroundRun
-    workDir: str  # removed when the run is finished or cancelled
-    outDir: str
-    inputVolume: Any  # vtkMRMLScalarVolumeNode
-    modelName: str
+    work_dir: str  # removed when the run is finished or cancelled
+    out_dir: str
+    input_volume: Any  # vtkMRMLScalarVolumeNode
+    model_name: str
 
     def poll(self) -> RunState:
         return self.run.poll()
 
 
-def diffusionArguments(diffusion: Optional[dict[str, Any]], card: Optional[dict[str, Any]] = None) -> list[str]:
+def diffusion_arguments(diffusion: Optional[dict[str, Any]], card: Optional[dict[str, Any]] = None) -> list[str]:
     """The CLI options for a diffusion model's settings (keys as in the card's ``inference.diffusion``:
     noise_level, steps, samples, noise; a missing or None value keeps the card's). Checked here, against
     the card's settings when given, so that a bad value is reported before anything is written or run."""
@@ -112,79 +112,79 @@ def diffusionArguments(diffusion: Optional[dict[str, Any]], card: Optional[dict[
     return arguments
 
 
-def startRun(inputVolume, modelName: str, device: str, registered: bool, brainMask, tempRoot: str,
+def start_run(input_volume, model_name: str, device: str, registered: bool, brain_mask, temp_root: str,
              python: Optional[str] = None, diffusion: Optional[dict[str, Any]] = None,
-             diffusionCard: Optional[dict[str, Any]] = None, acceptPoorAlignment: bool = False) -> RunHandle:
+             diffusion_card: Optional[dict[str, Any]] = None, accept_poor_alignment: bool = False) -> RunHandle:
     """Write the input (and mask) to a new temporary folder and start the CLI on it; returns at once.
 
     ``diffusion`` (diffusion models only: the CLI refuses these options for other families) overrides
-    the card's noise_level, steps, samples and noise; ``diffusionCard``, the card's own settings, is
-    what they are checked against (see diffusionArguments)."""
-    if inputVolume is None or inputVolume.GetImageData() is None:
+    the card's noise_level, steps, samples and noise; ``diffusion_card``, the card's own settings, is
+    what they are checked against (see diffusion_arguments)."""
+    if input_volume is None or input_volume.GetImageData() is None:
         raise ValueError(_("Select an input volume that has image data."))
-    if not modelName:
+    if not model_name:
         raise ValueError(_("Select a model."))
-    extraArgs = diffusionArguments(diffusion, diffusionCard)
-    if acceptPoorAlignment:
-        extraArgs.append("--accept-poor-alignment")
-    os.makedirs(tempRoot, exist_ok=True)
-    workDir = tempfile.mkdtemp(prefix="NormativeAnomaly-", dir=tempRoot)
+    extra_args = diffusion_arguments(diffusion, diffusion_card)
+    if accept_poor_alignment:
+        extra_args.append("--accept-poor-alignment")
+    os.makedirs(temp_root, exist_ok=True)
+    work_dir = tempfile.mkdtemp(prefix="NormativeAnomaly-", dir=temp_root)
     try:
-        inputPath = os.path.join(workDir, INPUT_FILE)
-        _writeVolume(inputVolume, inputPath)
-        maskPath = None
-        if brainMask is not None:
-            maskPath = os.path.join(workDir, "mask.nrrd")
-            _writeVolume(brainMask, maskPath)
-        outDir = os.path.join(workDir, "out")  # must not exist yet: the CLI refuses a non-empty folder
-        command = run_command(inputPath, outDir, model=modelName, device=device, registered=registered,
-                              mask_path=maskPath, extra_args=extraArgs, python=python or pythonExecutable())
+        input_path = os.path.join(work_dir, INPUT_FILE)
+        _write_volume(input_volume, input_path)
+        mask_path = None
+        if brain_mask is not None:
+            mask_path = os.path.join(work_dir, "mask.nrrd")
+            _write_volume(brain_mask, mask_path)
+        out_dir = os.path.join(work_dir, "out")  # must not exist yet: the CLI refuses a non-empty folder
+        command = run_command(input_path, out_dir, model=model_name, device=device, registered=registered,
+                              mask_path=mask_path, extra_args=extra_args, python=python or python_executable())
         logging.info("NormativeAnomaly: running " + " ".join(command))
         run = BackgroundRun(command)
     except BaseException:
-        shutil.rmtree(workDir, ignore_errors=True)
+        shutil.rmtree(work_dir, ignore_errors=True)
         raise
-    return RunHandle(run, workDir, outDir, inputVolume, modelName)
+    return RunHandle(run, work_dir, out_dir, input_volume, model_name)
 
 
-def _writeVolume(node, path: str) -> None:
+def _write_volume(node, path: str) -> None:
     # A standalone storage node writes the file without redirecting the node's own storage node to
     # this temporary file (which slicer.util.saveNode would do). NRRD keeps the geometry exactly.
     import slicer
 
-    storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    storageNode.SetFileName(path)
-    storageNode.SetUseCompression(False)  # a temporary file: speed over size
-    if not storageNode.WriteData(node) or not os.path.exists(path):
+    storage_node = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage_node.SetFileName(path)
+    storage_node.SetUseCompression(False)  # a temporary file: speed over size
+    if not storage_node.WriteData(node) or not os.path.exists(path):
         raise RuntimeError(_("Could not write {name} to {path}").format(name=node.GetName(), path=path))
 
 
-def waitForRun(handle: RunHandle, timeoutSeconds: float,
-               processEvents: Optional[Callable[[], None]] = None) -> RunState:
+def wait_for_run(handle: RunHandle, timeout_seconds: float,
+               process_events: Optional[Callable[[], None]] = None) -> RunState:
     """Block until the child ends (tests and scripts; the widget polls instead)."""
-    deadline = time.monotonic() + timeoutSeconds
+    deadline = time.monotonic() + timeout_seconds
     while True:
         state = handle.poll()
         if not state.running:
             return state
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the run did not finish within {timeoutSeconds} s (last stage: {state.stage})")
-        if processEvents is not None:
-            processEvents()
+            raise TimeoutError(f"the run did not finish within {timeout_seconds} s (last stage: {state.stage})")
+        if process_events is not None:
+            process_events()
         time.sleep(0.1)
 
 
-def cancelRun(handle: RunHandle, graceSeconds: float = 10.0) -> RunState:
+def cancel_run(handle: RunHandle, grace_seconds: float = 10.0) -> RunState:
     """Stop the child (and the interpreter that the PythonSlicer launcher started: BackgroundRun
     signals the whole process group) and remove the temporary folder; nothing was added to the scene."""
     try:
-        state = handle.run.cancel(graceSeconds)
+        state = handle.run.cancel(grace_seconds)
     finally:
-        shutil.rmtree(handle.workDir, ignore_errors=True)
+        shutil.rmtree(handle.work_dir, ignore_errors=True)
     return state
 
 
-def finishRun(handle: RunHandle, scene, colorLogic=None):
+def finish_run(handle: RunHandle, scene, color_logic=None):
     """Load a finished run into the scene (all or nothing) and remove the temporary folder.
 
     Returns (ResultNodes, LiveSegmentation); raises RunFailedError with the child's one-line message."""
@@ -198,17 +198,17 @@ def finishRun(handle: RunHandle, scene, colorLogic=None):
         if state.returncode != 0:
             logging.error(f"NormativeAnomaly: the run failed (exit status {state.returncode}):\n{handle.run.log()}")
             # The message names the temporary copy of the input: name the volume instead.
-            message = failureMessage(state).replace(os.path.join(handle.workDir, INPUT_FILE),
-                                                    f"\"{handle.inputVolume.GetName()}\"")
+            message = failure_message(state).replace(os.path.join(handle.work_dir, INPUT_FILE),
+                                                    f"\"{handle.input_volume.GetName()}\"")
             raise RunFailedError(message, state.returncode)
         logging.info(f"NormativeAnomaly: run finished:\n{handle.run.log()}")
-        outputs = read_run_folder(handle.outDir)
-        return load_run(scene, handle.inputVolume, outputs, color_logic=colorLogic)
+        outputs = read_run_folder(handle.out_dir)
+        return load_run(scene, handle.input_volume, outputs, color_logic=color_logic)
     finally:
-        shutil.rmtree(handle.workDir, ignore_errors=True)
+        shutil.rmtree(handle.work_dir, ignore_errors=True)
 
 
-def failureMessage(state: RunState) -> str:
+def failure_message(state: RunState) -> str:
     if state.returncode == EXIT_CANCELLED:
         return _("Cancelled")
     message = state.message.strip()

@@ -1,0 +1,114 @@
+"""What the web app may read and where it writes: allowed folders, uploads, its work folder.
+
+A browser can only name volumes that this module listed (files inside the allowed folders,
+or uploads it saved); every path is resolved (symbolic links included) and checked again
+before it is read, so no path outside those folders can be reached through the UI.
+Uploads are bounded in size and written only into the app's own work folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from NormativeAnomalyLib.errors import InputVolumeError as InputError
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+DEFAULT_MAX_UPLOAD_MB = 512
+MAX_LISTED = 500  # volumes listed per folder tree: a class folder, not a whole archive
+MAX_DEPTH = 3
+
+
+@dataclass(frozen=True)
+class VolumeChoice:
+    label: str  # what the browser shows
+    path: Path  # resolved, inside an allowed folder or the uploads
+
+
+class FileAccess:
+    def __init__(self, allowed: list[Path], work_dir: Path | None = None,
+                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 1024 * 1024) -> None:
+        self.allowed = [Path(folder).resolve() for folder in allowed]
+        for folder in self.allowed:
+            if not folder.is_dir():
+                raise InputError(f"{folder} is not a folder")
+        self._own_work_dir = work_dir is None
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="normative-anomaly-web-")).resolve()
+        self.uploads = self.work_dir / "uploads"
+        self.uploads.mkdir(parents=True, exist_ok=True)
+        self.max_upload_bytes = int(max_upload_bytes)
+
+    def close(self) -> None:
+        """Remove the work folder when this session created it (uploads and downloads go with it)."""
+        if self._own_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def volumes(self) -> list[VolumeChoice]:
+        """Volume files in the allowed folders (a few levels deep) and the uploads, sorted by label."""
+        choices = []
+        for root in self.allowed + [self.uploads]:
+            prefix = "uploads" if root == self.uploads else root.name
+            for path in _volume_files(root):
+                resolved = path.resolve()
+                if self._shared(resolved):  # not a link leading out of the shared folders
+                    choices.append(VolumeChoice(f"{prefix}/{path.relative_to(root).as_posix()}", resolved))
+        return sorted(choices, key=lambda choice: choice.label)
+
+    def resolve(self, path: str | os.PathLike) -> Path:
+        """The file the browser asked for, if it may be read; otherwise a one-line InputError."""
+        try:
+            resolved = Path(path).resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise InputError(f"{Path(path).name or path}: no such file") from None
+        if not self._shared(resolved):
+            raise InputError(f"{Path(path).name}: not in a folder this server shares")
+        if not (resolved.is_file() and resolved.name.lower().endswith(VOLUME_SUFFIXES)):
+            raise InputError(f"{resolved.name}: not a volume file ({', '.join(VOLUME_SUFFIXES)})")
+        return resolved
+
+    def _shared(self, resolved: Path) -> bool:
+        return any(resolved.is_relative_to(root) for root in self.allowed + [self.uploads])
+
+    def save_upload(self, name: str, content: bytes) -> Path:
+        """Write an upload into the work folder under a safe, new name; refuse it if too large."""
+        if len(content) > self.max_upload_bytes:
+            raise InputError(f"{safe_name(name)}: {len(content) / 2**20:.1f} MB is over the upload limit of "
+                             f"{self.max_upload_bytes / 2**20:.0f} MB")
+        name = safe_name(name)
+        if not name.lower().endswith(VOLUME_SUFFIXES) or name.lower().endswith((".nhdr", ".mhd")):
+            raise InputError(f"{name}: upload a single-file volume (.nii, .nii.gz, .nrrd or .mha)")
+        folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self.uploads))
+        target = folder / name
+        with open(target, "xb") as stream:  # a new file in a new folder: nothing is overwritten
+            stream.write(content)
+        return target
+
+    def download_dir(self) -> Path:
+        """A new folder for one download's files."""
+        downloads = self.work_dir / "downloads"
+        downloads.mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="export-", dir=downloads))
+
+
+def safe_name(name: str) -> str:
+    """A browser-supplied file name reduced to its last part, in plain characters."""
+    base = re.split(r"[\\/]", str(name))[-1]
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".")
+    return base[:120] or "upload"
+
+
+def _volume_files(root: Path) -> list[Path]:
+    found: list[Path] = []
+    for folder, subfolders, files in os.walk(root):
+        depth = len(Path(folder).relative_to(root).parts)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")) if depth < MAX_DEPTH else []
+        for name in sorted(files):
+            if name.lower().endswith(VOLUME_SUFFIXES) and not name.startswith("."):
+                found.append(Path(folder) / name)
+                if len(found) >= MAX_LISTED:
+                    return found
+    return found

@@ -1,0 +1,70 @@
+"""``normative-anomaly serve``: start the web app (the CLI's ``serve`` command calls ``serve``).
+
+Safe by default: it listens on 127.0.0.1 only, shares only the bundled sample data and the
+folders given with ``--data-dir``, and keeps uploads and downloads in its own work folder,
+removed when it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+DEFAULT_PORT = 8080
+
+
+def add_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free)")
+    command.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (default 127.0.0.1: this machine only; see README before "
+                              "opening it to a network)")
+    command.add_argument("--input", type=Path, help="volume to open at start (default: the demo case)")
+    command.add_argument("--data-dir", type=Path, action="append", default=[],
+                         help="a folder whose volumes the page may open (repeatable); the bundled sample data "
+                              "is always shared")
+    command.add_argument("--max-upload-mb", type=float, default=512, help="largest upload accepted (default 512)")
+    command.add_argument("--work-dir", type=Path,
+                         help="folder for uploads, runs and downloads (default: a new temporary folder, removed "
+                              "at exit)")
+    command.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    command.add_argument("--render", default="auto", choices=["auto", "osmesa", "egl"],
+                         help="offscreen rendering: osmesa (CPU, needs libosmesa6), egl (GPU); auto: without a "
+                              "display, egl when an NVIDIA GPU and libEGL are present, else osmesa")
+
+
+def serve(args: argparse.Namespace) -> int:
+    from NormativeAnomalyLib.errors import InputVolumeError
+    from NormativeAnomalyLib.resources import sample_data_dir
+
+    from .files import FileAccess
+    from .views import choose_render_window
+
+    if args.max_upload_mb <= 0:
+        raise InputVolumeError("--max-upload-mb must be positive")
+    choose_render_window(args.render)  # before VTK renders anything
+    allowed = [sample_data_dir(), *args.data_dir]
+    initial = args.input
+    if initial is not None:
+        initial = initial.resolve()
+        if not initial.is_file():
+            raise InputVolumeError(f"--input {args.input}: no such file")
+        allowed.append(initial.parent)  # the page may reopen it (and its neighbours)
+    else:
+        from NormativeAnomalyLib.cli import DEMO_INPUT
+
+        initial = sample_data_dir() / DEMO_INPUT
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+    files = FileAccess(allowed, args.work_dir, int(args.max_upload_mb * 2**20))
+    # wslink splits messages into chunks of this size; uploads arrive in several
+    os.environ.setdefault("WSLINK_MAX_MSG_SIZE", str(4 * 2**20))
+    from .app import create_app
+
+    app = create_app(files, device=args.device, initial_volume=str(initial))
+    try:
+        app.server.start(host=args.host, port=args.port, open_browser=False, show_connection_info=True)
+    finally:
+        app.session.close()
+        files.close()
+    return 0
