@@ -104,6 +104,13 @@ def test_demo_in_the_browser(served, tmp_path):
         assert lower > at_start
         assert segment_voxels(page) == expected_voxels(anomaly_map, state(page, "threshold"), state(page, "min_size"))
 
+        # The threshold typed as a healthy false-positive rate.
+        page.fill("#fpr-input", "5")
+        page.press("#fpr-input", "Enter")
+        page.wait_for_function("Math.abs(trame.state.get('fpr_percent') - 5) < 0.5", timeout=10_000)
+        lower = segment_voxels(page)
+        assert segment_voxels(page) == expected_voxels(anomaly_map, state(page, "threshold"), state(page, "min_size"))
+
         # The minimum size slider drops the small lesions.
         rows_before = page.locator("#lesion-table tbody tr").count()
         click_slider(page, "min-size-slider", 0.3)  # about 1500 mm³ (a click near the thumb would not move it)
@@ -193,6 +200,7 @@ def test_uploads_are_bounded_and_bad_volumes_refused(served, tmp_path, real_t1_h
         page.set_input_files("#upload-input", str(junk))
         page.wait_for_function("document.querySelector('#error').textContent.includes('junk')", timeout=30_000)
         assert "\n" not in page.inner_text("#error").strip()
+        assert str(work) not in page.inner_text("#error")  # server paths stay on the server
         assert "itk_kmeans_t1" in page.inner_text("#input-name")
         reliability_case("web app", "an upload that is not an image (in the browser)",
                          f"previous input kept: {page.inner_text('#error').strip()}")

@@ -72,6 +72,9 @@ class NormativeAnomalyApp(TrameApp):
         except NormativeAnomalyError as error:
             self._error(one_line(error))
             return
+        self._pending.clear()
+        if self._surface_timer is not None:  # it would build the surface of a removed result
+            self._surface_timer.cancel()
         self.views.show_input(volume)
         label = next((label for label, p in self._volumes.items() if p == Path(path).resolve()), Path(path).name)
         self.state.update({"volume": label, "input_name": volume.GetName(), "error": "",
@@ -163,8 +166,17 @@ class NormativeAnomalyApp(TrameApp):
 
     @trigger("set_fpr")
     def set_fpr(self, percent) -> None:
-        if self.session.active is not None:
-            self._request(threshold=self.session.threshold_for_fpr(float(percent) / 100))
+        """The threshold that flags this percentage of healthy voxels (the model's calibration)."""
+        if self.session.active is None:
+            return
+        try:
+            fraction = float(str(percent).strip().rstrip("%")) / 100
+        except ValueError:
+            fraction = -1.0
+        if not 0 < fraction < 1:
+            self._error(f"the healthy false-positive rate must be a percentage between 0 and 100, not {percent!r}")
+            return
+        self._request(threshold=self.session.threshold_for_fpr(fraction))
 
     def _request(self, **settings) -> None:
         """Slider steps arrive faster than the segmentation follows: apply the latest only."""
@@ -173,7 +185,7 @@ class NormativeAnomalyApp(TrameApp):
             self._worker = asyncio.ensure_future(self._apply_pending())
 
     async def _apply_pending(self) -> None:
-        while self._pending:
+        while self._pending and self.session.active is not None:
             settings, self._pending = self._pending, {}
             segmentation = self.session.active.nodes.segmentation
             modifying = segmentation.StartModify()  # the views redraw once, for both changes
@@ -189,6 +201,8 @@ class NormativeAnomalyApp(TrameApp):
             await asyncio.sleep(0)  # let the views render and the state go out before the next step
         # The table after the new frames: redrawing a long table in the browser would delay them.
         await asyncio.sleep(TABLE_DELAY_S)
+        if self.session.active is None:  # another volume was loaded meanwhile
+            return
         if not self._pending:
             with self.state:
                 self._push_table()
@@ -212,6 +226,8 @@ class NormativeAnomalyApp(TrameApp):
 
     @trigger("reject_lesion")
     def reject_lesion(self, lesion_id, rejected) -> None:
+        if self.session.active is None:
+            return
         try:
             self.views.before_segment_update(self.session.active.nodes.segmentation)
             self.session.set_rejected(int(lesion_id), bool(rejected))

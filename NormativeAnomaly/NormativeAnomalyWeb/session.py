@@ -18,7 +18,7 @@ import numpy as np
 import slicer
 from vtkmodules.util.numpy_support import vtk_to_numpy
 
-from NormativeAnomalyLib.errors import NormativeAnomalyError
+from NormativeAnomalyLib.errors import InputVolumeError, NormativeAnomalyError
 from NormativeAnomalyLib.lesions import Segmentation
 from NormativeAnomalyLib.models import model_summaries
 from NormativeAnomalyLib.models.registry import card_diffusion_settings, is_diffusion_model
@@ -81,7 +81,10 @@ class AnalysisSession:
         if self.running:
             raise SessionError("wait for the run to finish (or cancel it) before loading another volume")
         resolved = self.files.resolve(path)
-        read_volume(resolved, name=resolved.name)  # one-line errors for bad volumes, before MRML sees it
+        try:  # one-line errors for bad volumes, before MRML sees them
+            read_volume(resolved, name="volume")
+        except InputVolumeError as error:  # named by its file name: server paths stay on the server
+            raise InputVolumeError(str(error).replace(str(resolved), resolved.name)) from None
         self.clear()
         name = resolved.name.split(".")[0] or "input"
         self.input_volume = load_volume_file(self.scene, resolved, name)

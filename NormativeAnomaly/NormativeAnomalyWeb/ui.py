@@ -123,6 +123,9 @@ def _results_section() -> None:
         html.Div("threshold {{ Number(threshold).toFixed(3) }}: healthy false-positive rate "
                  "{{ fpr_percent === null ? '-' : Number(fpr_percent).toPrecision(2) }} %",
                  classes="text-caption", id="fpr-label")
+        v3.VTextField(label="Set by healthy false-positive rate (%), Enter", density="compact", hide_details=True,
+                      id="fpr-input", __events=[("keydown_enter", "keydown.enter")],
+                      keydown_enter="trigger('set_fpr', [$event.target.value])")
         v3.VSlider(v_model=("min_size",), min=0, max=MIN_LESION_MAX_MM3, step=10, label="Min. size (mm³)",
                    density="compact", hide_details=True, id="min-size-slider")
         v3.VSlider(v_model=("overlay_opacity",), min=0, max=1, step=0.05, label="Overlay", density="compact",
