@@ -193,3 +193,13 @@ def test_serve_refuses_bad_options_in_one_line(arguments, message, tmp_path, rel
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("normative-anomaly: error:") and message in lines[0], lines
     reliability_case("web app", f"serve {' '.join(arguments)}", f"exit 1, no server started: {lines[0]}")
+
+
+def test_a_server_open_to_the_network_warns_that_it_has_no_login():
+    from NormativeAnomalyWeb.server import exposure_warning
+
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert exposure_warning(host) is None
+    for host in ("0.0.0.0", "192.168.1.20", "::", "myserver.example.org"):
+        warning = exposure_warning(host)
+        assert warning.startswith("normative-anomaly: warning:") and "authenticating proxy" in warning

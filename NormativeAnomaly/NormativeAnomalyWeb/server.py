@@ -8,7 +8,9 @@ removed when it stops.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import sys
 from pathlib import Path
 
 DEFAULT_PORT = 8080
@@ -31,6 +33,18 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--render", default="auto", choices=["auto", "osmesa", "egl"],
                          help="offscreen rendering: osmesa (CPU, needs libosmesa6), egl (GPU); auto: without a "
                               "display, egl when an NVIDIA GPU and libEGL are present, else osmesa")
+
+
+def exposure_warning(host: str) -> str | None:
+    """A one-line warning when the server would be reachable from other machines: it has no login."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (f"normative-anomaly: warning: listening on {host}: anyone who can reach this port can use the app "
+            "(no login); put it behind an authenticating proxy (README, Web app)")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -62,6 +76,9 @@ def serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
     app = create_app(files, device=args.device, initial_volume=str(initial))
+    warning = exposure_warning(args.host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     try:
         app.server.start(host=args.host, port=args.port, open_browser=False, show_connection_info=True)
     finally:
