@@ -176,6 +176,19 @@ def test_switching_between_models_results(served):
                                timeout=20_000)
 
 
+def test_cancel_stops_the_run_and_adds_no_result(served):
+    url, work = served
+    with browser_page(url) as page:
+        results = len(state(page, "results"))
+        page.click("#run-button")
+        page.wait_for_function("trame.state.get('running') && trame.state.get('progress') > 0", timeout=60_000)
+        page.click("#cancel-button")
+        page.wait_for_function("document.querySelector('#status').textContent.includes('Cancelled')", timeout=30_000)
+        assert not state(page, "running") and len(state(page, "results")) == results
+        assert not any((work / "server" / "runs").iterdir())  # the run's temporary folder is gone
+        assert page.is_enabled("#run-button")
+
+
 @pytest.mark.reliability
 def test_uploads_are_bounded_and_bad_volumes_refused(served, tmp_path, real_t1_head_path, demo_paths,
                                                       reliability_case):

@@ -113,8 +113,14 @@ class NormativeAnomalyApp(TrameApp):
 
     @trigger("cancel")
     def cancel(self) -> None:
-        self.session.cancel()
-        self.state.update({"running": False, "status": "Cancelled", "progress": 0})
+        self.state.status = "Cancelling..."
+        asyncio.ensure_future(self._cancel())
+
+    async def _cancel(self) -> None:
+        # Stopping the child can take seconds (it stops at its next check point): off the event loop.
+        await asyncio.get_running_loop().run_in_executor(None, self.session.cancel)
+        with self.state:
+            self.state.update({"running": False, "status": "Cancelled", "progress": 0})
 
     async def _follow_run(self) -> None:
         while True:
