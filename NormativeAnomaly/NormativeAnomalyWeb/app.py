@@ -248,9 +248,7 @@ class NormativeAnomalyApp(TrameApp):
         name = DOWNLOADS.get(what)
         if name is None or self.session.active is None:
             return b""
-        folder = self.session.export()
-        path = folder / name
-        content = path.read_bytes() if path.is_file() else b""
+        content = self.session.download(name)
         self.state.status = f"Downloaded {name}" if content else f"{name}: not available for this result"
         self.state.flush()
         return content
@@ -292,7 +290,3 @@ class NormativeAnomalyApp(TrameApp):
     def _error(self, message: str) -> None:
         log.warning(message)
         self.state.error = message
-
-
-def create_app(files: FileAccess, **options) -> NormativeAnomalyApp:
-    return NormativeAnomalyApp(files, **options)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import sys
 from pathlib import Path
 
@@ -71,11 +70,9 @@ def serve(args: argparse.Namespace) -> int:
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
     files = FileAccess(allowed, args.work_dir, int(args.max_upload_mb * 2**20))
-    # wslink splits messages into chunks of this size; uploads arrive in several
-    os.environ.setdefault("WSLINK_MAX_MSG_SIZE", str(4 * 2**20))
-    from .app import create_app
+    from .app import NormativeAnomalyApp
 
-    app = create_app(files, device=args.device, initial_volume=str(initial))
+    app = NormativeAnomalyApp(files, device=args.device, initial_volume=str(initial))
     warning = exposure_warning(args.host)
     if warning:
         print(warning, file=sys.stderr, flush=True)

@@ -3,7 +3,7 @@
 No trame and no views here, only the MRML layer that the Slicer module uses too: the run is
 ``mrml.run_controller``'s (the CLI in a child process, loaded all-or-nothing), thresholds go
 through ``LiveSegmentation``, layers through ``display.show_result``, downloads through
-``export.export_result``. So both front ends give the same segmentation from the same input.
+``export`` (the files Export writes). So both front ends give the same segmentation from the same input.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,13 +20,12 @@ from vtkmodules.util.numpy_support import vtk_to_numpy
 from NormativeAnomalyLib.errors import InputVolumeError, NormativeAnomalyError
 from NormativeAnomalyLib.lesions import Segmentation
 from NormativeAnomalyLib.models import model_summaries
-from NormativeAnomalyLib.models.registry import card_diffusion_settings, is_diffusion_model
 from NormativeAnomalyLib.mrml import LiveSegmentation, ResultNodes, run_controller
 from NormativeAnomalyLib.mrml.display import centre_on, show_result
-from NormativeAnomalyLib.mrml.export import export_result
+from NormativeAnomalyLib.mrml.export import write_export_file
 from NormativeAnomalyLib.mrml.lesion_table import read_lesion_table
 from NormativeAnomalyLib.mrml.live_segmentation import ThresholdRange, threshold_range
-from NormativeAnomalyLib.mrml.result_nodes import SEGMENT_ID
+from NormativeAnomalyLib.mrml.result_nodes import SEGMENT_ID, remove_node
 from NormativeAnomalyLib.mrml.volumes import load_volume_file
 from NormativeAnomalyLib.volume_io import read_volume
 
@@ -95,12 +93,7 @@ class AnalysisSession:
             result.nodes.remove()
         self.results, self.active = [], None
         if self.input_volume is not None and self.input_volume.GetScene() is self.scene:
-            storage = self.input_volume.GetStorageNode()
-            display = self.input_volume.GetDisplayNode()
-            self.scene.RemoveNode(self.input_volume)
-            for node in (storage, display):
-                if node is not None and node.GetScene() is self.scene:
-                    self.scene.RemoveNode(node)
+            remove_node(self.scene, self.input_volume)
         self.input_volume = None
 
     # The run ------------------------------------------------------------------------------------
@@ -109,22 +102,16 @@ class AnalysisSession:
     def running(self) -> bool:
         return self.handle is not None
 
-    def start(self, model_name: str, diffusion: dict[str, Any] | None = None) -> None:
+    def start(self, model_name: str) -> None:
+        """Run a model with its card's settings (the page has no per-run diffusion overrides)."""
         if self.running:
             raise SessionError("a run is already going")
         if self.input_volume is None:
             raise SessionError("load a volume first")
-        card = next((model for model in self.models() if model["name"] == model_name), None)
-        if card is None:
+        if not any(model["name"] == model_name for model in self.models()):
             raise SessionError(f"unknown model {model_name!r}")
-        settings = None
-        if is_diffusion_model(card):
-            settings = card_diffusion_settings(card)
-        elif diffusion:
-            diffusion = None  # other families take no diffusion settings
-        self.handle = run_controller.start_run(
-            self.input_volume, model_name, self.device, False, None, str(self.files.work_dir / "runs"),
-            python=self.python, diffusion=diffusion, diffusion_card=settings)
+        self.handle = run_controller.start_run(self.input_volume, model_name, self.device, False, None,
+                                               str(self.files.work_dir / "runs"), python=self.python)
 
     def poll(self):
         """The run's state (stage, fraction, running, returncode, message), or None without a run."""
@@ -205,15 +192,15 @@ class AnalysisSession:
         scalars = labelmap.GetPointData().GetScalars()
         return 0 if scalars is None else int(np.count_nonzero(vtk_to_numpy(scalars)))
 
-    def export(self) -> Path:
-        """The active result's hand-over files, in a new folder of the work folder."""
+    def download(self, name: str) -> bytes:
+        """One of the active result's hand-over files (``export`` names), as bytes; b"" when the
+        result has no such file. Written to a new folder of the work folder, removed after reading."""
         folder = self.files.download_dir()
         try:
-            export_result(self._result().nodes, folder)
-        except BaseException:
+            path = write_export_file(self._result().nodes, name, folder)
+            return path.read_bytes() if path is not None else b""
+        finally:
             shutil.rmtree(folder, ignore_errors=True)
-            raise
-        return folder
 
     def close(self) -> None:
         self.cancel()

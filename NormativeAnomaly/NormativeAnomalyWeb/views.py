@@ -58,7 +58,6 @@ class SceneViews:
         self.layout_manager = LayoutManager(self.app.scene, self.app.view_manager, server)
         self.layout_manager.register_layout(LAYOUT, _layout())
         self.layout_manager.set_layout(LAYOUT)
-        self._surface_pending = False
 
     @property
     def scene(self):
@@ -72,16 +71,13 @@ class SceneViews:
         """Drop the 3D surface before a slider step (it would be rebuilt at every step)."""
         if segmentation.GetSegmentation().ContainsRepresentation("Closed surface"):
             segmentation.RemoveClosedSurfaceRepresentation()
-        self._surface_pending = True
 
     def build_surface(self, segmentation) -> None:
-        """The segmentation's 3D surface, once the sliders have paused."""
+        """The segmentation's 3D surface, once the sliders have paused (if it is not there yet)."""
         if self._empty(segmentation):  # nothing to build a surface from (VTK would report an error)
-            self._surface_pending = False
             return
-        if self._surface_pending or not segmentation.GetSegmentation().ContainsRepresentation("Closed surface"):
+        if not segmentation.GetSegmentation().ContainsRepresentation("Closed surface"):
             segmentation.CreateClosedSurfaceRepresentation()
-            self._surface_pending = False
             for view in self.app.view_manager.get_threed_views():
                 view.schedule_render()
 

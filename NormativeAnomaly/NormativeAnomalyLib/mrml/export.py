@@ -32,22 +32,36 @@ def export_result(nodes: ResultNodes, folder: str | os.PathLike, overwrite: bool
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".normative-anomaly-export-", dir=folder))
     try:
-        _write(slicer.vtkMRMLSegmentationStorageNode(), nodes.segmentation, staging / EXPORT_FILES[0])
-        _write(slicer.vtkMRMLVolumeArchetypeStorageNode(), nodes.anomaly_map, staging / EXPORT_FILES[1])
-        _write(slicer.vtkMRMLVolumeArchetypeStorageNode(), nodes.pseudo_healthy, staging / EXPORT_FILES[2])
-        if nodes.uncertainty_map is not None:
-            _write(slicer.vtkMRMLVolumeArchetypeStorageNode(), nodes.uncertainty_map, staging / UNCERTAINTY_FILE)
-        with open(staging / EXPORT_FILES[3], "w", newline="") as stream:
-            writer = csv.writer(stream)
-            writer.writerow([f"{name} ({unit})" if unit else name for name, unit, _ in COLUMNS])
-            for row in read_lesion_table(nodes.lesion_table):
-                writer.writerow([row[name] for name, _, _ in COLUMNS])
-        written = [name for name in EXPORT_FILES + (UNCERTAINTY_FILE,) if (staging / name).exists()]
+        written = [path.name for path in (write_export_file(nodes, name, staging)
+                                          for name in EXPORT_FILES + (UNCERTAINTY_FILE,)) if path is not None]
         for name in written:
             os.replace(staging / name, folder / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [folder / name for name in written]
+
+
+def write_export_file(nodes: ResultNodes, name: str, folder: Path) -> Path | None:
+    """One of the hand-over files (a name of EXPORT_FILES or UNCERTAINTY_FILE) into ``folder``;
+    None for the uncertainty map of a result that has none."""
+    path = Path(folder) / name
+    volumes = {EXPORT_FILES[1]: nodes.anomaly_map, EXPORT_FILES[2]: nodes.pseudo_healthy,
+               UNCERTAINTY_FILE: nodes.uncertainty_map}
+    if name == EXPORT_FILES[0]:
+        _write(slicer.vtkMRMLSegmentationStorageNode(), nodes.segmentation, path)
+    elif name in volumes:
+        if volumes[name] is None:
+            return None
+        _write(slicer.vtkMRMLVolumeArchetypeStorageNode(), volumes[name], path)
+    elif name == EXPORT_FILES[3]:
+        with open(path, "w", newline="") as stream:
+            writer = csv.writer(stream)
+            writer.writerow([f"{column} ({unit})" if unit else column for column, unit, _ in COLUMNS])
+            for row in read_lesion_table(nodes.lesion_table):
+                writer.writerow([row[column] for column, _, _ in COLUMNS])
+    else:
+        raise ValueError(f"not a hand-over file: {name!r}")
+    return path
 
 
 def _write(storage_node, node, path: Path) -> None:

@@ -85,10 +85,10 @@ class ResultNodes:
         scene = self.segmentation.GetScene()
         for node in self.nodes():
             if node is not None and node.GetScene() is scene:
-                _remove_node(scene, node)
+                remove_node(scene, node)
 
 
-def _remove_node(scene, node) -> None:
+def remove_node(scene, node) -> None:
     """Remove a node and the display/storage nodes it owns; its subject-hierarchy item goes with it."""
     owned = []
     if hasattr(node, "GetNumberOfDisplayNodes"):
@@ -159,7 +159,7 @@ def add_result_nodes(scene, input_volume, outputs: RunOutputs, monitor: Monitor 
     except BaseException:
         for node in reversed(created):
             if node.GetScene() is scene:
-                _remove_node(scene, node)
+                remove_node(scene, node)
         raise
 
 
