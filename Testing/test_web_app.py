@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,62 @@ def test_demo_in_the_browser(served, tmp_path):
         wait_for_frame(page, 0, axial_frames)
         wait_for_quiet(page)
         screenshot(page, "web-app-pseudo-healthy.png")
+
+
+def wait_for_segment_to_match(page, anomaly_map: Path, timeout_s: float = 15.0) -> tuple[float, int]:
+    """Wait until the server's segment is the anomaly map thresholded at the threshold the page shows
+    (and at its minimum size); returns that threshold and the voxel count. A dropped slider step
+    leaves them apart for good."""
+    deadline = time.monotonic() + timeout_s
+    expected: dict[tuple[float, float], int] = {}
+    while True:
+        settings = (state(page, "threshold"), state(page, "min_size"))
+        if settings not in expected:
+            expected[settings] = expected_voxels(anomaly_map, *settings)
+        voxels = segment_voxels(page)
+        if voxels == expected[settings]:
+            return settings[0], voxels
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the segment has {voxels} voxels {timeout_s} s after the last slider move; the "
+                                 f"threshold the page shows ({settings[0]}) gives {expected[settings]}")
+        page.wait_for_timeout(200)
+
+
+def test_the_segment_follows_every_last_slider_move(served, tmp_path):
+    """Slider moves that arrive while the previous step is being applied (or its table is being sent)
+    must not be lost: the last value always wins."""
+    url, _work = served
+    with browser_page(url) as page:
+        run_model(page)  # a result of its own: no rejected lesions, the default minimum size
+        wait_for_quiet(page)
+        anomaly_map = download(page, "anomaly_map", tmp_path)
+        start, _ = wait_for_segment_to_match(page, anomaly_map)
+
+        # Back to back: the second move as soon as the first one's segment has arrived.
+        for _ in range(3):
+            before = segment_voxels(page)
+            click_slider(page, "threshold-slider", 0.8)
+            wait_for_voxels_change(page, before)
+            click_slider(page, "threshold-slider", 0.12)
+            low, _ = wait_for_segment_to_match(page, anomaly_map)
+            assert low < start
+        # Two moves with no pause between them.
+        click_slider(page, "threshold-slider", 0.8)
+        click_slider(page, "threshold-slider", 0.3)
+        wait_for_segment_to_match(page, anomaly_map)
+
+        # Many moves, quickly, at random gaps shorter than one update.
+        rng = np.random.default_rng(7)
+        for burst in range(3):
+            for fraction, gap_ms in zip(rng.uniform(0.05, 0.95, 12), rng.uniform(0, 150, 12)):
+                click_slider(page, "threshold-slider", float(fraction))
+                page.wait_for_timeout(float(gap_ms))
+            if burst == 2:  # the minimum size too, in the same burst
+                click_slider(page, "min-size-slider", 0.2)
+                click_slider(page, "threshold-slider", 0.1)
+            threshold, voxels = wait_for_segment_to_match(page, anomaly_map)
+            assert voxels > 0 or threshold > start
+        assert state(page, "min_size") > 0
 
 
 def test_switching_between_models_results(served):

@@ -156,18 +156,19 @@ class NormativeAnomalyApp(TrameApp):
     def on_result(self, result, **_) -> None:
         if result is None or self.session.active is self.session.results[int(result)]:
             return
+        self._pending.clear()  # steps meant for the result shown before
         self.session.select(int(result))
         self.views.build_surface(self.session.active.nodes.segmentation)
         self._push_results()
 
     @change("threshold")
     def on_threshold(self, threshold, **_) -> None:
-        if self.session.active is not None and threshold != self.session.active.nodes.threshold:
+        if self.session.active is not None and threshold != self._requested("threshold"):
             self._request(threshold=float(threshold))
 
     @change("min_size")
     def on_min_size(self, min_size, **_) -> None:
-        if self.session.active is not None and min_size != self.session.active.nodes.min_lesion_mm3:
+        if self.session.active is not None and min_size != self._requested("min_lesion_mm3"):
             self._request(min_lesion_mm3=float(min_size))
 
     @trigger("set_fpr")
@@ -184,6 +185,11 @@ class NormativeAnomalyApp(TrameApp):
             return
         self._request(threshold=self.session.threshold_for_fpr(fraction))
 
+    def _requested(self, setting: str) -> float:
+        """The value the segmentation will show once the pending steps are applied: a move back to
+        the applied value while another one is pending must still be requested."""
+        return self._pending.get(setting, getattr(self.session.active.nodes, setting))
+
     def _request(self, **settings) -> None:
         """Slider steps arrive faster than the segmentation follows: apply the latest only."""
         self._pending.update(settings)
@@ -191,6 +197,9 @@ class NormativeAnomalyApp(TrameApp):
             self._worker = asyncio.ensure_future(self._apply_pending())
 
     async def _apply_pending(self) -> None:
+        """Apply the latest settings until none is pending. Steps arrive only while this awaits,
+        so the loop looks for new ones after every await: a step that arrives during the last
+        pause is applied by this worker, never left for one that is not started."""
         while self._pending and self.session.active is not None:
             settings, self._pending = self._pending, {}
             segmentation = self.session.active.nodes.segmentation
@@ -205,13 +214,13 @@ class NormativeAnomalyApp(TrameApp):
             with self.state:
                 self._push_settings(table=False)
             await asyncio.sleep(0)  # let the views render and the state go out before the next step
-        # The table after the new frames: redrawing a long table in the browser would delay them.
-        await asyncio.sleep(TABLE_DELAY_S)
+            if not self._pending:
+                # The table after the new frames: redrawing a long table in the browser would delay them.
+                await asyncio.sleep(TABLE_DELAY_S)
         if self.session.active is None:  # another volume was loaded meanwhile
             return
-        if not self._pending:
-            with self.state:
-                self._push_table()
+        with self.state:
+            self._push_table()
         if self._surface_timer is not None:
             self._surface_timer.cancel()
         segmentation = self.session.active.nodes.segmentation
