@@ -110,3 +110,50 @@ def test_what_slicer_imports_pulls_in_neither_torch_nor_monai():
                             env={**__import__("os").environ, "PYTHONPATH": str(MODULE)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+# Shipped with every Slicer release (Slicer's own Python packages), so never installed by the module.
+SHIPPED_WITH_SLICER = {"numpy", "simpleitk"}
+
+
+def _unguarded_imports(path: Path) -> set[str]:
+    """Top-level names imported by ``path``, except those inside ``try: ... except ImportError``
+    (optional: the code goes on without them)."""
+    optional: set[int] = set()
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+                "ImportError" in ast.unparse(handler.type or ast.Name("BaseException")) for handler in node.handlers):
+            optional |= {id(inner) for statement in node.body for inner in ast.walk(statement)}
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in optional:
+            continue
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_slicer_requirements_cover_what_the_child_process_imports():
+    """The run started from Slicer imports the core (all but its MRML layer) in a PythonSlicer child:
+    every third-party package it needs is torch (installed first, on its own), shipped with Slicer,
+    or listed in the requirements the panel checks and installs."""
+    import sys
+    from importlib.metadata import packages_distributions
+
+    from NormativeAnomalySlicer.dependencies import TORCH_REQUIREMENT, requirementLines
+
+    distributions = packages_distributions()
+    imported = set()
+    for path in (MODULE / "NormativeAnomalyLib").rglob("*.py"):
+        if "mrml" not in path.relative_to(MODULE).parts:
+            imported |= _unguarded_imports(path)
+    third_party = {name for name in imported if name not in sys.stdlib_module_names
+                   and not name.startswith("NormativeAnomaly")}
+    needed = {distributions[name][0].lower() for name in third_party}
+    listed = {re.split(r"[<>=!~;\[ ]", line)[0].lower() for line in requirementLines()}
+    listed.add(re.split(r"[<>=]", TORCH_REQUIREMENT)[0])
+    assert "matplotlib" in needed and "torch" in needed  # the scan sees the report and the networks
+    assert needed - SHIPPED_WITH_SLICER <= listed, f"not in slicer-requirements.txt: {sorted(needed - listed)}"

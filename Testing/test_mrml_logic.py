@@ -26,7 +26,7 @@ from NormativeAnomalyLib.errors import Cancelled, OutputError  # noqa: E402
 from NormativeAnomalyLib.models import default_model_name  # noqa: E402
 from NormativeAnomalyLib.mrml import LiveSegmentation, SegmentationFrozenError, find_results, load_run  # noqa: E402
 from NormativeAnomalyLib.mrml.display import centre_on, show_result  # noqa: E402
-from NormativeAnomalyLib.mrml.export import EXPORT_FILES, export_result  # noqa: E402
+from NormativeAnomalyLib.mrml.export import EXPORT_FILES, UNCERTAINTY_FILE, export_clashes, export_result  # noqa: E402
 from NormativeAnomalyLib.mrml.lesion_table import read_lesion_table  # noqa: E402
 from NormativeAnomalyLib.mrml.result_nodes import SEGMENT_ID, ResultNodes  # noqa: E402
 from NormativeAnomalyLib.mrml.scene import create_scene  # noqa: E402
@@ -235,6 +235,21 @@ def test_threshold_then_size_equals_size_then_threshold(scene_with_result):
     assert first[0].sum() > second[0].sum() > 0  # the size filter removed something, not everything
 
 
+def test_lesion_table_headers_name_each_unit_once(scene_with_result):
+    """qMRMLTableModel shows a column's title (or its name) and appends " [unit]" to it."""
+    _, nodes, _ = scene_with_result
+    table_node, table = nodes.lesion_table, nodes.lesion_table.GetTable()
+    assert table_node.GetUseColumnTitleAsColumnHeader()
+    headers = []
+    for column in range(table.GetNumberOfColumns()):
+        name = table.GetColumnName(column)
+        header = table_node.GetColumnTitle(name) or name
+        unit = table_node.GetColumnUnitLabel(name)
+        headers.append(f"{header} [{unit}]" if unit else header)
+        assert not unit or header.count(unit) == 0, headers[-1]
+    assert "Volume [mL]" in headers and "R [mm]" in headers
+
+
 def test_lesion_table_lists_the_connected_components(scene_with_result, scores):
     standalone, nodes, live = scene_with_result
     values, voxel_mm3 = scores
@@ -258,9 +273,25 @@ def test_lesion_table_lists_the_connected_components(scene_with_result, scores):
         assert (row["R"], row["A"], row["S"]) == pytest.approx((-lps[0], -lps[1], lps[2]), abs=0.01)
         assert row["Status"] == "kept"
     # A row centres the slice views on its lesion.
-    centre_on(standalone.scene, (rows[1]["R"], rows[1]["A"], rows[1]["S"]))
+    centre_on(live.nodes.input_volume, (rows[1]["R"], rows[1]["A"], rows[1]["S"]))
     red = standalone.slice_node("Red").GetSliceToRAS()
     assert red.GetElement(2, 3) == pytest.approx(rows[1]["S"], abs=1e-6)
+
+
+def test_a_row_centres_the_views_on_the_lesion_where_a_parent_transform_shows_it(scene_with_result):
+    """Centroids are in the input's own coordinates; the views jump to world coordinates."""
+    standalone, nodes, live = scene_with_result
+    live.update(nodes.calibration.threshold_for_fpr(0.01), 0.0)
+    row = read_lesion_table(nodes.lesion_table)[0]
+    transform = standalone.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = __import__("vtk").vtkMatrix4x4()
+    shift.SetElement(0, 3, 5.0)
+    shift.SetElement(2, 3, 12.5)
+    transform.SetMatrixTransformToParent(shift)
+    nodes.input_volume.SetAndObserveTransformNodeID(transform.GetID())
+    centre_on(nodes.input_volume, (row["R"], row["A"], row["S"]))
+    assert standalone.slice_node("Red").GetSliceToRAS().GetElement(2, 3) == pytest.approx(row["S"] + 12.5, abs=1e-6)
+    assert standalone.slice_node("Yellow").GetSliceToRAS().GetElement(0, 3) == pytest.approx(row["R"] + 5.0, abs=1e-6)
 
 
 def test_rejected_lesion_leaves_the_segment_and_stays_rejected(scene_with_result, scores):
@@ -408,6 +439,22 @@ def test_export_writes_what_the_user_sees_and_never_overwrites_unasked(scene_wit
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == sorted(EXPORT_FILES)
 
 
+def test_export_asks_before_replacing_any_hand_over_file(scene_with_result, tmp_path):
+    """What the panel asks about (export_clashes) is every file export would replace, the
+    uncertainty map included, so a confirmed export never fails on one it did not ask about."""
+    _, nodes, _ = scene_with_result
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / UNCERTAINTY_FILE).write_bytes(b"an earlier export")
+    (folder / "notes.txt").write_text("the user's own")
+    assert export_clashes(folder) == [UNCERTAINTY_FILE]
+    with pytest.raises(OutputError, match=UNCERTAINTY_FILE):
+        export_result(nodes, folder)
+    export_result(nodes, folder, overwrite=bool(export_clashes(folder)))
+    assert (folder / "notes.txt").read_text() == "the user's own"
+    assert (folder / UNCERTAINTY_FILE).exists() == (nodes.uncertainty_map is not None)  # no stale map left
+
+
 @pytest.mark.parametrize("as_bundle", [False, True], ids=["mrml", "mrb"])
 def test_saved_scene_reopens_with_outputs_and_settings(scene_with_result, tmp_path, as_bundle):
     standalone, nodes, live = scene_with_result
@@ -438,6 +485,16 @@ def test_saved_scene_reopens_with_outputs_and_settings(scene_with_result, tmp_pa
     assert np.array_equal(segment_on_input_grid(result), before_mask)
     assert read_lesion_table(result.lesion_table) == before_table
     assert np.array_equal(ijk_to_ras(result.anomaly_map), ijk_to_ras(result.input_volume))
+    # The overlay looks as it did: colours, window, and a display threshold that still lets voxels through.
+    saved, shown = nodes.anomaly_map.GetDisplayNode(), result.anomaly_map.GetDisplayNode()
+    assert shown.GetColorNodeID() == saved.GetColorNodeID() and shown.GetColorNodeID()
+    assert (shown.GetWindow(), shown.GetLevel()) == pytest.approx((saved.GetWindow(), saved.GetLevel()), rel=1e-5)
+    assert not shown.GetAutoWindowLevel() and shown.GetApplyThreshold()
+    assert shown.GetLowerThreshold() == pytest.approx(saved.GetLowerThreshold(), rel=1e-5)
+    assert shown.GetUpperThreshold() == pytest.approx(saved.GetUpperThreshold(), rel=1e-5)
+    values = slicer.util.arrayFromVolume(result.anomaly_map)
+    shows = (values >= shown.GetLowerThreshold()) & (values <= shown.GetUpperThreshold())
+    assert shows.sum() == ((values >= saved.GetLowerThreshold()) & (values <= saved.GetUpperThreshold())).sum() > 0
     # The sliders work again on the reopened scene, from the saved settings.
     reloaded = LiveSegmentation(result).update()
     assert np.array_equal(reloaded.mask, before_mask)

@@ -69,6 +69,7 @@ class BackgroundRun:
                                         creationflags=flags, start_new_session=os.name == "posix")
         self.lines: deque[str] = deque(maxlen=200)  # the child's log, progress lines excepted
         self._stage, self._fraction = "starting", 0.0
+        self._kill_at: float | None = None  # when a requested cancel turns to SIGKILL
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, name="normative-anomaly-run", daemon=True)
         self._reader.start()
@@ -99,23 +100,36 @@ class BackgroundRun:
         return self.poll()
 
     def cancel(self, grace_seconds: float = 10.0) -> RunState:
-        """Stop the child and its children: SIGTERM (the CLI cleans up), SIGKILL after ``grace_seconds``."""
-        if os.name != "posix":
+        """Stop the child and its children, waiting for them: see ``request_cancel``."""
+        self.request_cancel(grace_seconds)
+        while not self.cancel_done():
+            time.sleep(0.05)
+        self.process.wait()
+        return self.poll()
+
+    def request_cancel(self, grace_seconds: float = 10.0) -> None:
+        """Start stopping the child and its children without waiting (a GUI thread must not block):
+        SIGTERM now (the CLI cleans up); ``cancel_done`` sends SIGKILL once ``grace_seconds`` are over."""
+        if self._kill_at is not None:
+            return
+        self._kill_at = time.monotonic() + grace_seconds
+        if os.name != "posix":  # the whole tree at once: Windows has no graceful signal for it
             if self.process.poll() is None:
                 subprocess.run(["taskkill", "/PID", str(self.process.pid), "/T", "/F"], capture_output=True,
                                creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
-            self.process.wait()
-            return self.poll()
-        group = self.process.pid  # start_new_session: the child leads its own process group
-        _signal_group(group, signal.SIGTERM)
-        deadline = time.monotonic() + grace_seconds
-        while _group_alive(group) and time.monotonic() < deadline:
-            self.process.poll()  # reap our direct child, so that it does not linger as a zombie
-            time.sleep(0.05)
-        if _group_alive(group):
-            _signal_group(group, signal.SIGKILL)
-        self.process.wait()
-        return self.poll()
+            return
+        _signal_group(self.process.pid, signal.SIGTERM)  # start_new_session: the child leads its group
+
+    def cancel_done(self) -> bool:
+        """After ``request_cancel``: whether the child and its children are gone. Never blocks; call it
+        again (a timer) until it says so."""
+        if self._kill_at is None:
+            raise RuntimeError("request_cancel() first")
+        self.process.poll()  # reap our direct child, so that it does not linger as a zombie
+        alive = _group_alive(self.process.pid) if os.name == "posix" else self.process.poll() is None
+        if alive and time.monotonic() >= self._kill_at and os.name == "posix":
+            _signal_group(self.process.pid, signal.SIGKILL)
+        return not alive
 
     def log(self) -> str:
         with self._lock:

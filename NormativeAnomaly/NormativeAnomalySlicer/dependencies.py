@@ -10,21 +10,19 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-from importlib import metadata
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import qt
 import slicer
 from NormativeAnomalyLib.mrml.run_controller import python_executable as pythonExecutable
+
+from .requirements import ProbeResult, torch_requirement
 
 try:
     from slicer.i18n import tr as _
 except ImportError:  # Slicer < 5.4
     _ = str
 
-REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "slicer-requirements.txt"
-TORCH_REQUIREMENT = "torch>=2.2"  # as pyproject.toml
 PROBE_PREFIX = "NORMATIVE_ANOMALY_PROBE "
 PROBE_TIMEOUT_S = 180  # importing torch and monai the first time after installing can be slow
 PROBE_SCRIPT = f"""
@@ -45,8 +43,6 @@ except Exception as error:
     info["monaiError"] = f"{{type(error).__name__}}: {{error}}"
 print({PROBE_PREFIX!r} + json.dumps(info), flush=True)
 """
-
-ProbeResult = dict[str, Any]  # torch, monai (versions or missing), cuda (device name), mps; or error
 
 
 class DependencyProbe:
@@ -97,20 +93,6 @@ class DependencyProbe:
         self._elapsed.start()
         self._timer.start()
 
-    def wait(self, timeoutSeconds: float = PROBE_TIMEOUT_S) -> ProbeResult:
-        """The answer, probing now if needed (blocking: used when Run is clicked before the probe is done)."""
-        if DependencyProbe._cache is not None:
-            return DependencyProbe._cache
-        result: list[ProbeResult] = []
-        self.start(result.append)
-        if self._process is not None:
-            try:
-                self._process.wait(timeoutSeconds)
-            except subprocess.TimeoutExpired:
-                pass
-            self._poll(force=True)
-        return result[0] if result else {"error": "no answer"}
-
     def stop(self) -> None:
         self._timer.stop()
         if self._process is not None and self._process.poll() is None:
@@ -119,12 +101,12 @@ class DependencyProbe:
         self._process = None
         self._callbacks = []
 
-    def _poll(self, force: bool = False) -> None:
+    def _poll(self) -> None:
         process = self._process
         if process is None:
             return
         if process.poll() is None:
-            if not force and self._elapsed.elapsed() < PROBE_TIMEOUT_S * 1000:
+            if self._elapsed.elapsed() < PROBE_TIMEOUT_S * 1000:
                 return
             process.kill()
             process.wait()
@@ -168,30 +150,13 @@ def deviceText(result: Optional[ProbeResult]) -> str:
     return _("Detected: CPU only (PyTorch {version})").format(version=result["torch"])
 
 
-def requirementLines() -> list[str]:
-    lines = (line.strip() for line in REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines())
-    return [line for line in lines if line and not line.startswith(("#", "-"))]
-
-
-def missingPackages(result: Optional[ProbeResult]) -> list[str]:
-    """Requirements not satisfied: torch and monai from the probe's answer (they must import in the
-    child), the others from the installed packages' metadata (nothing is imported)."""
-    missing = [] if result is None or result.get("torch") else [TORCH_REQUIREMENT]
-    monaiImports = result is not None and bool(result.get("monai"))
-    for requirement in requirementLines():
-        if requirement.startswith("monai") and not monaiImports:
-            missing.append(requirement)
-        elif not _satisfied(requirement):
-            missing.append(requirement)
-    return missing
-
-
 def installDependencies(missing: list[str]) -> None:
     """Install the missing requirements (the caller has asked the user). Blocking, with Slicer's pip
     progress display. Raises RuntimeError with a one-line message, for example when offline."""
-    if TORCH_REQUIREMENT in missing:
-        _installTorch()
-    others = [requirement for requirement in missing if requirement != TORCH_REQUIREMENT]
+    torch = torch_requirement()
+    if torch in missing:
+        _installTorch(torch)
+    others = [requirement for requirement in missing if requirement != torch]
     if others:
         packaging = _packagingModule()
         try:
@@ -204,20 +169,20 @@ def installDependencies(missing: list[str]) -> None:
     DependencyProbe.invalidate()
 
 
-def _installTorch() -> None:
+def _installTorch(requirement: str) -> None:
     """torch as the PyTorch extension's PyTorchUtilsLogic.installTorch installs it (light-the-torch picks
     the wheel matching the NVIDIA driver), but run in a child process only: installTorch imports torch
     into Slicer's process when it is done. Falls back to pip's default torch wheel."""
     try:
         slicer.util.pip_install("light-the-torch>=0.5")
         process = slicer.util.launchConsoleProcess(
-            [pythonExecutable(), "-m", "light_the_torch", "install", TORCH_REQUIREMENT], useStartupEnvironment=False)
+            [pythonExecutable(), "-m", "light_the_torch", "install", requirement], useStartupEnvironment=False)
         slicer.util.logProcessOutput(process)
         return
     except (subprocess.CalledProcessError, OSError) as error:
         logging.warning(f"NormativeAnomaly: light-the-torch failed ({error}); installing PyTorch with pip")
     try:
-        slicer.util.pip_install(TORCH_REQUIREMENT)
+        slicer.util.pip_install(requirement)
     except subprocess.CalledProcessError as error:
         raise RuntimeError(_pipFailure("PyTorch", error)) from None
 
@@ -233,18 +198,3 @@ def _packagingModule():
     except ImportError:
         return None
     return slicer.packaging
-
-
-def _satisfied(requirement: str) -> bool:
-    packaging = _packagingModule()
-    if packaging is not None:
-        return bool(packaging.pip_check(requirement))
-    # Older Slicer: installed or not (versions are left to pip).
-    name = requirement.split(";")[0]
-    for separator in "<>=!~[ ":
-        name = name.split(separator)[0]
-    try:
-        metadata.version(name)
-        return True
-    except metadata.PackageNotFoundError:
-        return False

@@ -7,7 +7,6 @@ changes and ``onSettingsChanged`` / ``showResult`` on any parameter change.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import qt
@@ -17,7 +16,7 @@ from NormativeAnomalyLib.errors import NormativeAnomalyError
 from NormativeAnomalyLib.mrml import LiveSegmentation, ResultNodes, SegmentationFrozenError
 from NormativeAnomalyLib.mrml.live_segmentation import threshold_range
 from NormativeAnomalyLib.mrml.display import OVERLAY_FLOOR_FPR, centre_on, show_result
-from NormativeAnomalyLib.mrml.export import EXPORT_FILES, export_result
+from NormativeAnomalyLib.mrml.export import export_clashes, export_result
 from NormativeAnomalyLib.mrml.lesion_table import read_lesion_table, summarize
 from NormativeAnomalyLib.mrml.result_nodes import RESULT_ATTRIBUTE, SEGMENT_ID
 
@@ -198,7 +197,7 @@ class ResultsPanel:
             return
         row = next((row for row in read_lesion_table(self.nodes.lesion_table) if row["ID"] == ids[0]), None)
         if row is not None:
-            centre_on(slicer.mrmlScene, (row["R"], row["A"], row["S"]))
+            centre_on(self.nodes.input_volume, (row["R"], row["A"], row["S"]))
 
     def onRejectSelected(self) -> None:
         self._setRejected(True)
@@ -282,7 +281,7 @@ class ResultsPanel:
             self._showStatus(_("Choose an output folder first."))
             return
         self.flushPendingUpdate()
-        clashes = [name for name in EXPORT_FILES if (Path(folder) / name).exists()]
+        clashes = export_clashes(folder)
         if clashes and not slicer.util.confirmOkCancelDisplay(
                 _("{folder} already holds {files}.\n\nReplace them?").format(folder=folder, files=", ".join(clashes)),
                 windowTitle=_("Export")):

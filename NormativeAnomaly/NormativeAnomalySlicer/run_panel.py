@@ -13,9 +13,11 @@ import qt
 import slicer
 
 from NormativeAnomalyLib.models.registry import is_diffusion_model
+from NormativeAnomalyLib.mrml import run_controller
 from NormativeAnomalyLib.mrml.run_controller import RunFailedError, stage_text
 
-from .dependencies import DependencyProbe, deviceText, installDependencies, missingPackages
+from .dependencies import DependencyProbe, deviceText, installDependencies
+from .requirements import missing_packages
 
 try:
     from slicer.i18n import tr as _
@@ -34,6 +36,8 @@ class RunPanel:
         self._showStatus = showStatus
         self._onResultLoaded = onResultLoaded  # (ResultNodes, LiveSegmentation) of a finished run
         self.handle = None  # run_controller.RunHandle while a run is going: one at a time
+        self._stopping: list[tuple[Any, str]] = []  # cancelled runs whose child is still stopping, and the status after
+        self._runQueued = False  # Run was clicked before the dependency check answered
         self._probe = DependencyProbe()
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -56,14 +60,21 @@ class RunPanel:
             self._onProbeResult(None)
 
     def cleanup(self) -> None:
-        self.cancel(_("Cancelled: the module was closed."))
+        """The module is closed (the application is quitting): no timer will run after this, so the
+        children are stopped here, waiting for them (seconds at most)."""
+        handles = [handle for handle, _status in self._stopping] + ([self.handle] if self.handle else [])
+        self.handle, self._stopping = None, []
+        self._timer.stop()
+        for handle in handles:
+            self.logic.cancelRun(handle)
         self._probe.stop()
 
     def checkCanApply(self) -> None:
         parameters = self._parameterNode()
-        canApply = bool(parameters and parameters.inputVolume and parameters.modelName and not self.running)
+        canApply = bool(parameters and parameters.inputVolume and parameters.modelName and not self.running
+                        and not self._runQueued)
         self.ui.applyButton.enabled = canApply
-        self.ui.cancelButton.enabled = self.running
+        self.ui.cancelButton.enabled = self.running or self._runQueued
         self.ui.applyButton.toolTip = (
             _("Compute the pseudo-healthy image, anomaly map and anomaly segmentation") if canApply
             else _("An analysis is running") if self.running else _("Select an input volume and a model"))
@@ -90,30 +101,36 @@ class RunPanel:
     def _onProbeResult(self, result: Optional[dict]) -> None:
         self.ui.deviceInfoLabel.text = deviceText(result)
         if result is not None and "error" not in result:
-            missing = missingPackages(result)
+            missing = missing_packages(result)
             self.ui.dependenciesFrame.visible = bool(missing)
             self.ui.dependenciesFrame.toolTip = _("Missing: {packages}").format(packages=", ".join(missing))
 
-    def _dependenciesMissing(self) -> bool:
-        """On Run: are torch and monai importable in the child Python (probing now if not known yet)?"""
-        result = DependencyProbe.cached()
-        if result is None:
-            self._showStatus(_("Checking PyTorch and MONAI..."))
-            with slicer.util.WaitCursor():
-                result = self._probe.wait()
-            self._onProbeResult(result)
-        if "error" in result:
-            return False  # cannot tell: the run itself will say what is missing
-        if missingPackages(result):
-            self.ui.dependenciesFrame.visible = True
-            self._showStatus(_("PyTorch and MONAI are needed first: click \"Install PyTorch and MONAI...\"."))
-            return True
-        return False
+    def _onProbeResultForRun(self, result: dict) -> None:
+        """The dependency check answered after Run was clicked: start the run now, if still wanted."""
+        self._onProbeResult(result)
+        if not self._runQueued:  # cancelled or the module was closed meanwhile
+            return
+        self._runQueued = False
+        if "error" not in result and missing_packages(result):
+            self._askToInstall()
+        else:  # complete, or the check failed: the run itself will say what is missing
+            self._startRun()
+
+    def _askToInstall(self) -> None:
+        self.ui.dependenciesFrame.visible = True
+        self._showStatus(_("PyTorch and MONAI are needed first: click \"Install PyTorch and MONAI...\"."))
+        self.checkCanApply()
 
     def onInstallDependencies(self) -> None:
-        with slicer.util.WaitCursor():
-            result = self._probe.wait()
-        missing = missingPackages(None if "error" in result else result)
+        """Ask the child Python what it has (in the background), then offer to install what is missing."""
+        self.ui.installDependenciesButton.enabled = False
+        self._showStatus(_("Checking PyTorch and MONAI..."))
+        self._probe.start(self._installMissing)
+
+    def _installMissing(self, result: dict) -> None:
+        self.ui.installDependenciesButton.enabled = True
+        self._onProbeResult(result)
+        missing = missing_packages(result)  # a failed check counts torch and monai as missing
         if not missing:
             self.ui.dependenciesFrame.visible = False
             self._showStatus(_("PyTorch and MONAI are already installed."))
@@ -140,8 +157,24 @@ class RunPanel:
     # Run -----------------------------------------------------------------------------------------
 
     def onApply(self) -> None:
+        """Run: once the dependency check has answered (it runs in the background the first time)."""
+        if self.running or self._runQueued or not self._parameterNode():
+            return
+        result = DependencyProbe.cached()
+        if result is None:
+            self._runQueued = True
+            self._showStatus(_("Checking PyTorch and MONAI..."))
+            self.checkCanApply()
+            self._probe.start(self._onProbeResultForRun)
+            return
+        if missing_packages(result):
+            self._askToInstall()
+            return
+        self._startRun()
+
+    def _startRun(self) -> None:
         parameters = self._parameterNode()
-        if self.running or not parameters or self._dependenciesMissing():
+        if self.running or not parameters:
             return
         try:
             self.handle = self.logic.startRun(parameters.inputVolume, parameters.modelName, parameters.device,
@@ -152,6 +185,7 @@ class RunPanel:
             message = _("Could not start the analysis: {error}").format(error=error)
             self._showStatus(message)
             slicer.util.errorDisplay(message)
+            self.checkCanApply()
             return
         self.ui.progressBar.value = 0
         self.checkCanApply()
@@ -159,16 +193,19 @@ class RunPanel:
         self._poll()
 
     def _poll(self) -> None:
+        self._pollStopping()
         handle = self.handle
         if handle is None:
-            self._timer.stop()
+            if not self._stopping:
+                self._timer.stop()
             return
         state = handle.poll()
         self.ui.progressBar.value = int(round(100 * state.fraction))
         if state.running:
             self._showStatus(stage_text(state.stage))
             return
-        self._timer.stop()
+        if not self._stopping:
+            self._timer.stop()
         self.handle = None
         self._showStatus(_("Loading the results..."))
         try:
@@ -199,13 +236,24 @@ class RunPanel:
         self.cancel(_("Cancelled"))
 
     def cancel(self, status: str) -> None:
-        """Stop a running analysis (Cancel, scene close, module cleanup); the scene is left as it was."""
+        """Stop a running analysis (Cancel, scene close); the scene is left as it was. The child is
+        asked to stop and the timer finishes the job, so the GUI never waits for it."""
+        self._runQueued = False
         handle, self.handle = self.handle, None
         if handle is None:
+            self.checkCanApply()
             return
-        self._timer.stop()
-        with slicer.util.WaitCursor():
-            self.logic.cancelRun(handle)
+        run_controller.request_cancel(handle)
+        self._stopping.append((handle, status))
         self.ui.progressBar.value = 0
-        self._showStatus(status)
+        self._showStatus(_("Cancelling..."))
         self.checkCanApply()
+        self._timer.start()
+
+    def _pollStopping(self) -> None:
+        for entry in list(self._stopping):
+            handle, status = entry
+            if run_controller.cancel_finished(handle):
+                self._stopping.remove(entry)
+                if self.handle is None:  # a new run's status is not overwritten
+                    self._showStatus(status)

@@ -173,7 +173,7 @@ class AnalysisSession:
         if row is None:
             raise SessionError(f"there is no lesion {lesion_id} at this threshold")
         ras = (row["R"], row["A"], row["S"])
-        centre_on(self.scene, ras)
+        centre_on(self._result().nodes.input_volume, ras)
         return ras
 
     def show(self, display: Display) -> None:

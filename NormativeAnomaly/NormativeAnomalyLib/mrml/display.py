@@ -12,6 +12,9 @@ ANOMALY_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLPETPro
 # Voxels below the threshold that flags this fraction of healthy voxels are left transparent,
 # so the overlay shows where the scan departs from the norm, not healthy residual noise.
 OVERLAY_FLOOR_FPR = 0.1
+# "No upper bound" for the overlay's display threshold, as a finite number: the display node writes
+# its thresholds into a saved scene as text, and reads "inf" back as 0 (nothing would show).
+OVERLAY_CEILING = 1e30
 
 
 def style_result(nodes: ResultNodes, color_logic=None) -> None:
@@ -28,7 +31,7 @@ def style_result(nodes: ResultNodes, color_logic=None) -> None:
     anomaly_display.SetWindowLevelMinMax(low, high)
     anomaly_display.SetApplyThreshold(True)
     anomaly_display.SetLowerThreshold(low)
-    anomaly_display.SetUpperThreshold(float("inf"))
+    anomaly_display.SetUpperThreshold(OVERLAY_CEILING)
     # The reconstruction is shown with the input's window, so fading compares like with like.
     input_display = nodes.input_volume.GetDisplayNode()
     pseudo_display = nodes.pseudo_healthy.GetDisplayNode()
@@ -69,11 +72,14 @@ def show_result(nodes: ResultNodes, overlay_opacity: float = 0.5, fade: float = 
     segmentation_display.SetVisibility(True)
 
 
-def centre_on(scene, ras: tuple[float, float, float]) -> None:
-    """Centre every slice view on a point (a lesion's centroid)."""
+def centre_on(node, ras: tuple[float, float, float]) -> None:
+    """Centre every slice view on a point given in ``node``'s own RAS coordinates (a lesion's centroid
+    in the input volume's): the views jump to world coordinates, through the node's parent transforms."""
     import slicer
 
-    slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *map(float, ras), slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+    world = [0.0, 0.0, 0.0]
+    node.TransformPointToWorld([float(value) for value in ras], world)
+    slicer.vtkMRMLSliceNode.JumpAllSlices(node.GetScene(), *world, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
 
 
 def _result_segmentations(scene):

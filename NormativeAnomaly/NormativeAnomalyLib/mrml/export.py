@@ -22,11 +22,16 @@ EXPORT_FILES = ("anomalies.seg.nrrd", "anomaly_map.nii.gz", "pseudo_healthy.nii.
 UNCERTAINTY_FILE = "uncertainty_map.nii.gz"  # when the result has one
 
 
+def export_clashes(folder: str | os.PathLike) -> list[str]:
+    """The hand-over files that an export into ``folder`` would replace (what a GUI asks about)."""
+    return [name for name in EXPORT_FILES + (UNCERTAINTY_FILE,) if (Path(folder) / name).exists()]
+
+
 def export_result(nodes: ResultNodes, folder: str | os.PathLike, overwrite: bool = False) -> list[Path]:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder} exists and is not a folder")
-    clashes = [name for name in EXPORT_FILES + (UNCERTAINTY_FILE,) if (folder / name).exists()]
+    clashes = export_clashes(folder)
     if clashes and not overwrite:
         raise OutputError(f"{folder} already holds {', '.join(clashes)}; choose another folder or allow overwriting")
     folder.mkdir(parents=True, exist_ok=True)
@@ -36,6 +41,8 @@ def export_result(nodes: ResultNodes, folder: str | os.PathLike, overwrite: bool
                                           for name in EXPORT_FILES + (UNCERTAINTY_FILE,)) if path is not None]
         for name in written:
             os.replace(staging / name, folder / name)
+        for name in set(clashes) - set(written):  # an earlier export's uncertainty map would not match this one
+            (folder / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [folder / name for name in written]

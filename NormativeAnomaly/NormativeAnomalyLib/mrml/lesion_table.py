@@ -40,13 +40,12 @@ def write_lesion_table(table_node, segmentation: Segmentation) -> None:
         table.AddColumn(array)
     was_modifying = table_node.StartModify()
     table_node.SetAndObserveTable(table)
+    # Headers show the column's title (its name when there is none) and "[unit]" (qMRMLTableModel).
     table_node.SetUseColumnTitleAsColumnHeader(True)
     table_node.SetLocked(True)  # edited through the module (reject / restore), not by typing in cells
     for name, unit, description in COLUMNS:
         table_node.SetColumnUnitLabel(name, unit)
         table_node.SetColumnDescription(name, description)
-        if unit and hasattr(table_node, "SetColumnTitle"):  # Slicer >= 5.6 shows titles as headers
-            table_node.SetColumnTitle(name, f"{name} ({unit})")
     table_node.EndModify(was_modifying)
 
 

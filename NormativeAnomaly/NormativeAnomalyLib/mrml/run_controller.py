@@ -176,12 +176,26 @@ def wait_for_run(handle: RunHandle, timeout_seconds: float,
 
 def cancel_run(handle: RunHandle, grace_seconds: float = 10.0) -> RunState:
     """Stop the child (and the interpreter that the PythonSlicer launcher started: BackgroundRun
-    signals the whole process group) and remove the temporary folder; nothing was added to the scene."""
+    signals the whole process group), waiting for it, and remove the temporary folder; nothing was
+    added to the scene. A GUI thread uses ``request_cancel`` and ``cancel_finished`` instead."""
     try:
         state = handle.run.cancel(grace_seconds)
     finally:
         shutil.rmtree(handle.work_dir, ignore_errors=True)
     return state
+
+
+def request_cancel(handle: RunHandle, grace_seconds: float = 10.0) -> None:
+    """Start stopping the run; returns at once. Poll ``cancel_finished`` (a timer) until it is done."""
+    handle.run.request_cancel(grace_seconds)
+
+
+def cancel_finished(handle: RunHandle) -> bool:
+    """Whether a requested cancel is complete (the child is gone, its temporary folder removed); never blocks."""
+    if not handle.run.cancel_done():
+        return False
+    shutil.rmtree(handle.work_dir, ignore_errors=True)
+    return True
 
 
 def finish_run(handle: RunHandle, scene, color_logic=None):
