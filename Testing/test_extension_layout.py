@@ -143,7 +143,7 @@ def test_slicer_requirements_cover_what_the_child_process_imports():
     import sys
     from importlib.metadata import packages_distributions
 
-    from NormativeAnomalySlicer.dependencies import TORCH_REQUIREMENT, requirementLines
+    from NormativeAnomalySlicer.requirements import requirement_lines
 
     distributions = packages_distributions()
     imported = set()
@@ -153,7 +153,18 @@ def test_slicer_requirements_cover_what_the_child_process_imports():
     third_party = {name for name in imported if name not in sys.stdlib_module_names
                    and not name.startswith("NormativeAnomaly")}
     needed = {distributions[name][0].lower() for name in third_party}
-    listed = {re.split(r"[<>=!~;\[ ]", line)[0].lower() for line in requirementLines()}
-    listed.add(re.split(r"[<>=]", TORCH_REQUIREMENT)[0])
+    listed = {re.split(r"[<>=!~;\[ ]", line)[0].lower() for line in requirement_lines()}
     assert "matplotlib" in needed and "torch" in needed  # the scan sees the report and the networks
     assert needed - SHIPPED_WITH_SLICER <= listed, f"not in slicer-requirements.txt: {sorted(needed - listed)}"
+
+
+def test_slicer_requirements_ask_for_the_torch_that_monai_requires():
+    """An older torch would be replaced by pip's default build when MONAI is installed."""
+    from importlib.metadata import requires
+
+    from NormativeAnomalySlicer.requirements import requirement_lines, torch_requirement
+
+    monai_torch = next(line for line in requires("monai") if line.replace(" ", "").startswith("torch>"))
+    assert torch_requirement().replace(" ", "") == monai_torch.replace(" ", "")
+    pinned_monai = next(line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("monai=="))
+    assert pinned_monai in requirement_lines()
