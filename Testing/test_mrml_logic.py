@@ -24,7 +24,8 @@ slicer = pytest.importorskip("slicer")
 from NormativeAnomalyLib.background import BackgroundRun, run_command  # noqa: E402
 from NormativeAnomalyLib.errors import Cancelled, OutputError  # noqa: E402
 from NormativeAnomalyLib.models import default_model_name  # noqa: E402
-from NormativeAnomalyLib.mrml import LiveSegmentation, SegmentationFrozenError, find_results, load_run  # noqa: E402
+from NormativeAnomalyLib.mrml import (LiveSegmentation, SegmentationEditedError, SegmentationFrozenError,  # noqa: E402
+                                      find_results, load_run)
 from NormativeAnomalyLib.mrml.display import centre_on, show_result  # noqa: E402
 from NormativeAnomalyLib.mrml.export import EXPORT_FILES, UNCERTAINTY_FILE, export_clashes, export_result  # noqa: E402
 from NormativeAnomalyLib.mrml.lesion_table import read_lesion_table  # noqa: E402
@@ -310,6 +311,56 @@ def test_rejected_lesion_leaves_the_segment_and_stays_rejected(scene_with_result
     restored = live.set_rejected(rejected[0].id, False)
     assert not any(lesion.rejected for lesion in restored.lesions)
     assert np.array_equal(segment_on_input_grid(nodes), expected_mask(scores, nodes.threshold, 0.0))
+
+
+def paint(nodes: ResultNodes, ijk: tuple[int, int, int]) -> np.ndarray:
+    """An edit as the Segment Editor makes it: the segment's labelmap replaced with one more voxel
+    (on a larger extent than the module writes). Returns the edited segment on the input grid."""
+    from vtkmodules.util import numpy_support
+
+    edited = segment_on_input_grid(nodes)
+    i, j, k = ijk
+    edited[k, j, i] = True
+    labelmap = slicer.vtkOrientedImageData()
+    z, y, x = edited.shape
+    labelmap.SetExtent(0, x - 1, 0, y - 1, 0, z - 1)
+    labelmap.GetPointData().SetScalars(numpy_support.numpy_to_vtk(edited.astype(np.uint8).ravel(), deep=True,
+                                                                  array_type=__import__("vtk").VTK_UNSIGNED_CHAR))
+    matrix = __import__("vtk").vtkMatrix4x4()
+    nodes.input_volume.GetIJKToRASMatrix(matrix)
+    labelmap.SetImageToWorldMatrix(matrix)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        labelmap, nodes.segmentation, SEGMENT_ID, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    return edited
+
+
+def test_an_edit_made_outside_the_panel_is_never_overwritten_by_a_slider(scene_with_result):
+    """Edited in the Segment Editor without the panel's hand-over button: the next slider move
+    freezes the segment (one-line notice) instead of replacing the edits; reset brings the sliders back."""
+    _, nodes, live = scene_with_result
+    live.update(nodes.calibration.threshold_for_fpr(0.01), 0.0)
+    live.update(nodes.calibration.threshold_for_fpr(0.05), 0.0)  # the module's own writes are not edits
+    assert not live.edited_outside()
+    edited = paint(nodes, (2, 3, 4))  # a corner voxel no threshold segments
+    with pytest.raises(SegmentationEditedError, match="edited by hand") as raised:
+        live.update(nodes.calibration.threshold_for_fpr(0.2))
+    assert "\n" not in str(raised.value) and nodes.frozen
+    assert np.array_equal(segment_on_input_grid(nodes), edited)
+    with pytest.raises(SegmentationFrozenError):
+        live.update(nodes.calibration.threshold_for_fpr(0.2))
+    live.reset()
+    assert not nodes.frozen and not segment_on_input_grid(nodes)[4, 3, 2]
+    live.update(nodes.calibration.threshold_for_fpr(0.2))  # the sliders work again
+
+
+def test_an_edit_saved_in_a_scene_is_found_when_the_result_is_used_again(scene_with_result):
+    """A result from a reopened scene: compared with what its saved settings give."""
+    _, nodes, live = scene_with_result
+    edited = paint(nodes, (2, 3, 4))
+    fresh = LiveSegmentation(ResultNodes.from_segmentation(nodes.segmentation))
+    with pytest.raises(SegmentationEditedError):
+        fresh.update(nodes.calibration.threshold_for_fpr(0.2))
+    assert np.array_equal(segment_on_input_grid(nodes), edited)
 
 
 def test_manual_editing_freezes_the_sliders_until_reset(scene_with_result):

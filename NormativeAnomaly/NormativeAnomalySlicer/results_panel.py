@@ -147,8 +147,9 @@ class ResultsPanel:
             return
         try:
             self.live.update(threshold=parameters.threshold, min_lesion_mm3=parameters.minLesionMm3)
-        except SegmentationFrozenError as error:
+        except SegmentationFrozenError as error:  # edited by hand (maybe just now, outside the panel)
             self._showStatus(str(error))
+            self._updateControls()
         except NormativeAnomalyError as error:
             self._showStatus(_("Cannot update the segmentation: {error}").format(error=error))
         self._setFprLabel(self.live.fpr)

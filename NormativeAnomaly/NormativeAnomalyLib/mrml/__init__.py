@@ -15,8 +15,8 @@ Every function takes the scene or nodes it works on; nothing here reads ``slicer
 - ``scene``: a scene with the logics Slicer would provide (tests, benchmark, web app).
 """
 
-from .live_segmentation import LiveSegmentation, SegmentationFrozenError
+from .live_segmentation import LiveSegmentation, SegmentationEditedError, SegmentationFrozenError
 from .result_nodes import ResultNodes, add_result_nodes, find_results, load_run
 
-__all__ = ["LiveSegmentation", "SegmentationFrozenError", "ResultNodes", "add_result_nodes", "find_results",
+__all__ = ["LiveSegmentation", "SegmentationEditedError", "SegmentationFrozenError", "ResultNodes", "add_result_nodes", "find_results",
            "load_run"]

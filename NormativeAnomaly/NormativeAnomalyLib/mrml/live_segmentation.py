@@ -7,6 +7,7 @@ agree voxel for voxel), and writes only the bounding box of the lesions into the
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -45,11 +46,19 @@ class SegmentationFrozenError(NormativeAnomalyError):
     """The segment was handed over for manual editing; a slider would overwrite those edits."""
 
 
+class SegmentationEditedError(SegmentationFrozenError):
+    """The segment was edited outside the module (e.g. in the Segment Editor): it is frozen now."""
+
+
 class LiveSegmentation:
-    def __init__(self, nodes: ResultNodes) -> None:
+    def __init__(self, nodes: ResultNodes, new_result: bool = False) -> None:
+        """``new_result``: the segment was just created empty (no edits to look for yet)."""
         self.nodes = nodes
         self.segmenter = LesionSegmenter(image_from_volume_node(nodes.anomaly_map))
         self.current: Segmentation | None = None
+        # What the segment held after the module last wrote it: an edit made anywhere else (the
+        # Segment Editor opened directly) is told apart from the module's own writes by content.
+        self._written: str | None = self._segment_fingerprint() if new_result else None
 
     @property
     def fpr(self) -> float:
@@ -60,17 +69,27 @@ class LiveSegmentation:
         return self.nodes.calibration.threshold_for_fpr(fpr)
 
     def update(self, threshold: float | None = None, min_lesion_mm3: float | None = None) -> Segmentation:
-        """Segment at the given (or saved) settings; write the segment and the table; save the settings."""
+        """Segment at the given (or saved) settings; write the segment and the table; save the settings.
+
+        A segment edited by hand since the module wrote it is never overwritten: it is frozen (as by
+        the "Edit in Segment Editor" hand-over) and SegmentationEditedError says so; ``reset`` discards
+        the edits."""
         if self.nodes.frozen:
             raise SegmentationFrozenError(
                 f"{self.nodes.segmentation.GetName()!r} was opened for manual editing; thresholds no longer "
                 "change it (reset it to the thresholded map to use the sliders again)")
+        if self.edited_outside():
+            self.freeze()
+            raise SegmentationEditedError(
+                f"{self.nodes.segmentation.GetName()!r} was edited by hand, so the sliders no longer change it "
+                "(your edits are kept; reset it to the thresholded map to use the sliders again)")
         threshold = self.nodes.threshold if threshold is None else float(threshold)
         min_size = self.nodes.min_lesion_mm3 if min_lesion_mm3 is None else float(min_lesion_mm3)
         if min_size < 0:
             raise NormativeAnomalyError("the minimum lesion size must not be negative")
         segmentation = self.segmenter.segment(threshold, min_size, self.nodes.rejected_peaks)
         self._write_segment(segmentation)
+        self._written = _fingerprint(segmentation.box_mask(), segmentation.box, self._ijk_to_ras())
         write_lesion_table(self.nodes.lesion_table, segmentation)
         if threshold != self.nodes.threshold:
             self.nodes.threshold = threshold
@@ -95,7 +114,35 @@ class LiveSegmentation:
     def reset(self) -> Segmentation:
         """Discard manual edits: back to the thresholded map at the saved settings."""
         self.nodes.frozen = False
+        self._written = self._segment_fingerprint()  # the edits are to be replaced, not kept
         return self.update()
+
+    def edited_outside(self) -> bool:
+        """Whether the segment differs from what the module last wrote into it. For a result the
+        module has not written yet (a reopened scene), from what its saved settings give."""
+        if self._written is None:
+            expected = self.segmenter.segment(self.nodes.threshold, self.nodes.min_lesion_mm3,
+                                              self.nodes.rejected_peaks)
+            self._written = _fingerprint(expected.box_mask(), expected.box, self._ijk_to_ras())
+        return self._segment_fingerprint() != self._written
+
+    def _segment_fingerprint(self) -> str:
+        segment = self.nodes.segmentation.GetSegmentation().GetSegment(SEGMENT_ID)
+        labelmap = segment.GetRepresentation("Binary labelmap") if segment is not None else None
+        scalars = labelmap.GetPointData().GetScalars() if labelmap is not None else None
+        if scalars is None:
+            return _fingerprint(np.zeros((0, 0, 0), bool), (slice(0, 0),) * 3, self._ijk_to_ras())
+        i0, i1, j0, j1, k0, k1 = labelmap.GetExtent()
+        values = numpy_support.vtk_to_numpy(scalars).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1)
+        matrix = vtk.vtkMatrix4x4()
+        labelmap.GetImageToWorldMatrix(matrix)
+        return _fingerprint(values == segment.GetLabelValue(), (slice(k0, k1 + 1), slice(j0, j1 + 1),
+                                                                slice(i0, i1 + 1)), _matrix_values(matrix))
+
+    def _ijk_to_ras(self) -> tuple[float, ...]:
+        matrix = vtk.vtkMatrix4x4()
+        self.nodes.input_volume.GetIJKToRASMatrix(matrix)
+        return _matrix_values(matrix)
 
     def _lesion(self, lesion_id: int):
         if self.current is None:
@@ -124,6 +171,20 @@ class LiveSegmentation:
                 labelmap, self.nodes.segmentation, SEGMENT_ID,
                 slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE):
             raise RuntimeError(f"could not update segment {SEGMENT_ID!r} of {self.nodes.segmentation.GetName()!r}")
+
+
+def _matrix_values(matrix) -> tuple[float, ...]:
+    return tuple(round(matrix.GetElement(row, column), 6) for row in range(3) for column in range(4))
+
+
+def _fingerprint(mask: np.ndarray, box, ijk_to_ras: tuple[float, ...]) -> str:
+    """The set voxels as (k, j, i) positions on the input's grid, and that grid: equal for equal
+    content whatever extent the labelmap was stored with."""
+    offset = np.array([part.start for part in box], np.int64)
+    positions = np.argwhere(mask) + offset
+    digest = hashlib.sha1(np.ascontiguousarray(positions, np.int64).tobytes())
+    digest.update(repr(ijk_to_ras).encode())
+    return digest.hexdigest()
 
 
 def _inside(peak_ijk, lesion_id: int, labels: np.ndarray, box) -> bool:

@@ -205,7 +205,7 @@ def load_run(scene, input_volume, outputs: RunOutputs, monitor: Monitor | None =
     nodes = add_result_nodes(scene, input_volume, outputs, monitor)
     try:
         style_result(nodes, color_logic)
-        live = LiveSegmentation(nodes)
+        live = LiveSegmentation(nodes, new_result=True)
         live.update()
         (monitor or Monitor()).check()
     except BaseException:
