@@ -188,6 +188,7 @@ class NormativeAnomalyLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._models: Optional[list[dict[str, Any]]] = None
+        self.modelsError = ""  # why no model is listed (a missing or broken registry), for the panel
 
     def getParameterNode(self) -> NormativeAnomalyParameterNode:
         return NormativeAnomalyParameterNode(super().getParameterNode())
@@ -197,7 +198,10 @@ class NormativeAnomalyLogic(ScriptedLoadableModuleLogic):
         from NormativeAnomalySlicer.model_cards import availableModels
 
         if self._models is None:
-            self._models = availableModels()
+            models, self.modelsError = availableModels()
+            if self.modelsError:
+                return models  # not cached: the next look tries again (e.g. after a repair)
+            self._models = models
         return self._models
 
     def modelCard(self, modelName: Optional[str]) -> Optional[dict[str, Any]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from NormativeAnomalySlicer.requirements import missing_packages, requirement_lines, satisfies, torch_requirement
@@ -42,3 +44,18 @@ def test_other_packages_are_judged_by_installed_version():
 @pytest.mark.parametrize("version", ["", "unknown", None])
 def test_an_unreadable_version_does_not_satisfy(version):
     assert not satisfies("torch>=2.8.0", version)
+
+
+@pytest.mark.parametrize("registry", ["missing", "broken"])
+def test_a_missing_or_broken_model_registry_gives_a_one_line_reason_not_an_exception(tmp_path, monkeypatch, registry):
+    """The panel lists no model and shows why; the rest of the panel still works."""
+    from NormativeAnomalySlicer.model_cards import availableModels
+
+    resources = tmp_path / "Resources"
+    (resources / "Models").mkdir(parents=True)
+    if registry == "broken":
+        for path in (Path(__file__).resolve().parent.parent / "Resources" / "Models").glob("*.json"):
+            (resources / "Models" / path.name).write_text("{ not json")
+    monkeypatch.setenv("NORMATIVE_ANOMALY_RESOURCES", str(resources))
+    models, error = availableModels()
+    assert models == [] and error and "\n" not in error

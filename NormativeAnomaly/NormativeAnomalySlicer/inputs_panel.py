@@ -7,7 +7,6 @@ hand (it has no SlicerParameterName); the other inputs are bound in the .ui. The
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 import slicer
@@ -41,13 +40,11 @@ class InputsPanel:
 
     def _populateModelSelector(self) -> None:
         """The registered models, the default one first (it is selected when the parameter node has none)."""
-        try:
-            for model in self.logic.availableModels():
-                label = f"{model['name']} ({model.get('family') or '?'}, {model.get('modality') or '?'})"
-                self.ui.modelSelector.addItem(label, model["name"])
-        except (OSError, ValueError, KeyError) as error:
-            logging.error(f"NormativeAnomaly: cannot list the models: {error}")
-            self._showStatus(_("Could not list the models: {error}").format(error=error))
+        for model in self.logic.availableModels():
+            label = f"{model['name']} ({model.get('family') or '?'}, {model.get('modality') or '?'})"
+            self.ui.modelSelector.addItem(label, model["name"])
+        if self.logic.modelsError:
+            self._showStatus(_("Could not list the models: {error}").format(error=self.logic.modelsError))
 
     def _syncModelSelector(self) -> None:
         """Show the parameter node's model; use the default model if it is unset or unknown."""

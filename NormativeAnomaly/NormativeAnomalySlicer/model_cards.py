@@ -10,6 +10,7 @@ import html
 import logging
 from typing import Any
 
+from NormativeAnomalyLib.errors import NormativeAnomalyError, one_line
 from NormativeAnomalyLib.models import model_summaries
 
 try:
@@ -18,14 +19,21 @@ except ImportError:  # Slicer < 5.4, or MRML without the application
     _ = str
 
 
-def availableModels() -> list[dict[str, Any]]:
-    """Registered models, the default first; a model whose card cannot be read is still listed
-    (by name), so it can be chosen and the command-line tool says what is wrong with it."""
-    models = model_summaries()
+def availableModels() -> tuple[list[dict[str, Any]], str]:
+    """Registered models, the default first, and "" (or, when there is no usable registry, no
+    models and the one-line reason, for the panel's status: the rest of the panel still works).
+    A model whose card cannot be read is still listed (by name), so it can be chosen and the
+    command-line tool says what is wrong with it."""
+    try:
+        models = model_summaries()
+    except (NormativeAnomalyError, OSError, ValueError) as error:
+        message = one_line(error)
+        logging.error(f"NormativeAnomaly: cannot list the models: {message}")
+        return [], message
     for model in models:
         if "error" in model:
             logging.warning(f"NormativeAnomaly: {model['error']}")
-    return models
+    return models, ""
 
 
 def cardHtml(model: dict[str, Any] | None) -> str:
