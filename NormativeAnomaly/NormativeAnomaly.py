@@ -13,10 +13,10 @@ from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSe
 from NormativeAnomalySlicer.sample_data import registerSampleData
 from NormativeAnomalySlicer.self_test import NormativeAnomalySelfTests
 
-try:
-    from slicer.i18n import tr as _
-except ImportError:  # Slicer < 5.4 has no translation support
-    _ = str
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+
+CONTRIBUTORS = "NormativeAnomaly developers (NormativeAnomaly project)"  # as EXTENSION_CONTRIBUTORS in CMakeLists.txt
 
 # Torch and MONAI are never imported in Slicer's process: the analysis runs in a PythonSlicer child
 # process (NormativeAnomalyLib.cli), and every torch check asks such a child (NormativeAnomalySlicer).
@@ -27,9 +27,9 @@ class NormativeAnomaly(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("Normative Anomaly")
-        self.parent.categories = ["Segmentation"]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["NormativeAnomaly developers"]
+        self.parent.contributors = [CONTRIBUTORS]
         self.parent.helpText = _("""
 Unsupervised anomaly detection in brain MRI. A normative generative model trained on healthy brains
 reconstructs a pseudo-healthy version of the input; the difference gives an anomaly map and a lesion
@@ -105,6 +105,14 @@ class NormativeAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._inputs = InputsPanel(self.ui, self.logic, self._currentParameterNode, self._showStatus)
 
         self.initializeParameterNode()
+
+    def onReload(self) -> None:
+        """Developer mode's Reload: the module's packages too (their deepest modules first), then
+        the module file, so that an edit anywhere in them takes effect without a restart."""
+        from NormativeAnomalySlicer.developer import reloadPackages
+
+        reloadPackages(("NormativeAnomalyLib", "NormativeAnomalySlicer"))
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def cleanup(self) -> None:
         self._run.cleanup()  # cancels a running analysis

@@ -168,3 +168,40 @@ def test_slicer_requirements_ask_for_the_torch_that_monai_requires():
     assert torch_requirement().replace(" ", "") == monai_torch.replace(" ", "")
     pinned_monai = next(line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("monai=="))
     assert pinned_monai in requirement_lines()
+
+
+def test_contributors_are_named_alike_in_cmake_and_the_module():
+    """Slicer's convention: "Firstname Lastname (Organization)"."""
+    cmake = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', (REPO / "CMakeLists.txt").read_text()).group(1)
+    module = re.search(r'^CONTRIBUTORS = "([^"]+)"', (MODULE / "NormativeAnomaly.py").read_text(), re.M).group(1)
+    assert cmake == module
+    assert re.fullmatch(r"[^(),]+ \([^()]+\)", module), module
+
+
+def test_module_category_is_translatable():
+    text = (MODULE / "NormativeAnomaly.py").read_text()
+    assert re.search(r'categories = \[translate\("qSlicerAbstractCoreModule", "[^"]+"\)\]', text)
+
+
+def test_reload_picks_up_edits_in_the_packages_deepest_first(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    from NormativeAnomalySlicer.developer import reloadPackages
+
+    package = tmp_path / "reloadme"
+    (package / "inner").mkdir(parents=True)
+    (package / "__init__.py").write_text("from .inner.leaf import VALUE\n")
+    (package / "inner" / "__init__.py").write_text("")
+    (package / "inner" / "leaf.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    try:
+        assert importlib.import_module("reloadme").VALUE == 1
+        (package / "inner" / "leaf.py").write_text("VALUE = 2  # edited\n")
+        order = reloadPackages(["reloadme"])
+        assert order == ["reloadme.inner.leaf", "reloadme.inner", "reloadme"]
+        assert sys.modules["reloadme"].VALUE == 2  # the package re-imported the reloaded leaf
+    finally:
+        for name in [name for name in sys.modules if name.split(".")[0] == "reloadme"]:
+            del sys.modules[name]

@@ -55,13 +55,7 @@ class ResultsPanel:
         ui.restoreLesionButton.connect("clicked()", self.onRestoreSelected)
         ui.editInSegmentEditorButton.connect("clicked()", self.onEditInSegmentEditor)
         ui.exportButton.connect("clicked()", self.onExport)
-        # The way back from manual editing; not in the .ui, so added here.
-        self.resetButton = qt.QPushButton(_("Reset to thresholded map"))
-        self.resetButton.toolTip = _("Discard the manual edits and segment the anomaly map again at the "
-                                     "threshold and minimum size")
-        self.resetButton.connect("clicked()", self.onResetToThresholded)
-        layout = ui.exportCollapsibleButton.layout()  # a QFormLayout in the .ui
-        (layout.addRow if hasattr(layout, "addRow") else layout.addWidget)(self.resetButton)
+        ui.resetToThresholdedButton.connect("clicked()", self.onResetToThresholded)  # shown while frozen
         self._anomalyLegend = _(
             "Overlay: anomaly score (colour bar in the views), transparent below the level exceeded by "
             "{percent:g}% of healthy voxels; yellow outline: the anomaly segment.").format(
@@ -317,7 +311,7 @@ class ResultsPanel:
         self.ui.showUncertaintyCheckBox.toolTip = (
             self._uncertaintyToolTip if hasUncertainty or not hasResult
             else _("This result has no uncertainty map: run a diffusion model with more than 1 sample to get one."))
-        self.resetButton.visible = frozen
+        self.ui.resetToThresholdedButton.visible = frozen
         if hasResult:
             self._setFprLabel(self.nodes.calibration.fpr_for_threshold(self.nodes.threshold))
         else:

@@ -35,7 +35,7 @@ def registerSampleData() -> None:
         logging.warning(f"NormativeAnomaly: demo case not found ({path}); not added to Sample Data")
         return
     logic = SampleData.SampleDataLogic
-    if hasattr(logic, "registerCustomSampleDataCategory"):  # Slicer >= 5.10
+    if hasattr(logic, "registerCustomSampleDataCategory"):  # Slicer >= 5.12
         logic.registerCustomSampleDataCategory(CATEGORY, title=_("Normative Anomaly"))
     logic.registerCustomSampleDataSource(
         category=CATEGORY,
