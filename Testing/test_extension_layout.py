@@ -205,3 +205,38 @@ def test_reload_picks_up_edits_in_the_packages_deepest_first(tmp_path, monkeypat
     finally:
         for name in [name for name in sys.modules if name.split(".")[0] == "reloadme"]:
             del sys.modules[name]
+
+
+def test_cmake_copies_every_resource_folder_the_code_looks_up_into_the_build_tree(tmp_path):
+    """Slicer's ctest and a developer build run the module from the build tree: the model packages,
+    templates and demo case must be there, not only in the install tree. Runs the module's own copy
+    function with CMake, into a stand-in for <build>/<qt-scripted-modules>/Resources."""
+    import shutil
+    import subprocess
+
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        import pytest
+
+        pytest.skip("cmake is not installed")
+    looked_up = set(re.findall(r'resources_dir\(\) / "(\w+)"',
+                               (MODULE / "NormativeAnomalyLib" / "resources.py").read_text()))
+    assert {"Models", "Templates", "SampleData"} <= looked_up
+    looked_up.add("Licenses")  # the notices that must travel with the derived files
+    destination = tmp_path / "qt-scripted-modules" / "Resources"
+    script = tmp_path / "copy.cmake"
+    script.write_text(f'include("{MODULE / "SharedResources.cmake"}")\n'
+                      f'normative_anomaly_copy_shared_resources("{REPO / "Resources"}" "{destination}" files)\n'
+                      'list(LENGTH files count)\nmessage(STATUS "copied ${count}")\n')
+    result = subprocess.run([cmake, "-P", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for folder in looked_up:
+        source = sorted(p.relative_to(REPO / "Resources") for p in (REPO / "Resources" / folder).rglob("*") if p.is_file())
+        copied = sorted(p.relative_to(destination) for p in (destination / folder).rglob("*") if p.is_file())
+        assert source and copied == source, folder
+    assert f"copied {sum(1 for folder in looked_up for p in (REPO / 'Resources' / folder).rglob('*') if p.is_file())}" \
+        in result.stdout + result.stderr
+    # The module's CMakeLists copies them to the build tree's module folder, which Slicer's macro installs.
+    module_cmake = (MODULE / "CMakeLists.txt").read_text()
+    assert re.search(r'normative_anomaly_copy_shared_resources\(\s*"\$\{CMAKE_CURRENT_SOURCE_DIR\}/\.\./Resources"\s*'
+                     r'"\$\{CMAKE_BINARY_DIR\}/\$\{Slicer_QTSCRIPTEDMODULES_LIB_DIR\}/Resources"', module_cmake)
