@@ -9,12 +9,16 @@ set(NORMATIVE_ANOMALY_SHARED_RESOURCE_DIRS
   SampleData
   Licenses
   )
+# The finished run the self-test loads without PyTorch (Testing/Data/<name> -> Resources/TestData/<name>).
+set(NORMATIVE_ANOMALY_TEST_DATA_DIRS
+  demo_run
+  )
 
-# Copies each folder from SOURCE_DIR into DESTINATION_DIR; sets OUT_FILES (in the caller's scope)
-# to the source files copied, so that the caller can re-run the copy when one of them changes.
-function(normative_anomaly_copy_shared_resources SOURCE_DIR DESTINATION_DIR OUT_FILES)
+# Copies the FOLDERS of SOURCE_DIR into DESTINATION_DIR; sets OUT_FILES (in the caller's scope) to
+# the source files copied, so that the caller can re-run the copy when one of them changes.
+function(normative_anomaly_copy_folders SOURCE_DIR DESTINATION_DIR OUT_FILES)
   set(_copied)
-  foreach(_dir IN LISTS NORMATIVE_ANOMALY_SHARED_RESOURCE_DIRS)
+  foreach(_dir IN LISTS ARGN)
     if(NOT IS_DIRECTORY "${SOURCE_DIR}/${_dir}")
       message(FATAL_ERROR "NormativeAnomaly: ${SOURCE_DIR}/${_dir} not found; the module cannot run without it")
     endif()

@@ -226,7 +226,8 @@ def test_cmake_copies_every_resource_folder_the_code_looks_up_into_the_build_tre
     destination = tmp_path / "qt-scripted-modules" / "Resources"
     script = tmp_path / "copy.cmake"
     script.write_text(f'include("{MODULE / "SharedResources.cmake"}")\n'
-                      f'normative_anomaly_copy_shared_resources("{REPO / "Resources"}" "{destination}" files)\n'
+                      f'normative_anomaly_copy_folders("{REPO / "Resources"}" "{destination}" files '
+                      '${NORMATIVE_ANOMALY_SHARED_RESOURCE_DIRS})\n'
                       'list(LENGTH files count)\nmessage(STATUS "copied ${count}")\n')
     result = subprocess.run([cmake, "-P", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -238,5 +239,9 @@ def test_cmake_copies_every_resource_folder_the_code_looks_up_into_the_build_tre
         in result.stdout + result.stderr
     # The module's CMakeLists copies them to the build tree's module folder, which Slicer's macro installs.
     module_cmake = (MODULE / "CMakeLists.txt").read_text()
-    assert re.search(r'normative_anomaly_copy_shared_resources\(\s*"\$\{CMAKE_CURRENT_SOURCE_DIR\}/\.\./Resources"\s*'
-                     r'"\$\{CMAKE_BINARY_DIR\}/\$\{Slicer_QTSCRIPTEDMODULES_LIB_DIR\}/Resources"', module_cmake)
+    assert 'set(_module_resources "${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/Resources")' in module_cmake
+    assert re.search(r'normative_anomaly_copy_folders\("\$\{CMAKE_CURRENT_SOURCE_DIR\}/\.\./Resources" "\$\{_module_resources\}"'
+                     r'\s+\w+ \$\{NORMATIVE_ANOMALY_SHARED_RESOURCE_DIRS\}\)', module_cmake)
+    assert re.search(r'normative_anomaly_copy_folders\("\$\{CMAKE_CURRENT_SOURCE_DIR\}/\.\./Testing/Data" '
+                     r'"\$\{_module_resources\}/TestData"', module_cmake)
+    assert "install(" not in module_cmake  # the macro installs the build tree's module folder
