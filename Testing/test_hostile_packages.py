@@ -5,12 +5,16 @@ half-done. Built from the smallest bundled package (ae3d-t1), so no training is 
 from __future__ import annotations
 
 import copy
+import gzip
 import io
 import json
+import os
 import pickle
 import shutil
 import stat
 import struct
+import subprocess
+import sys
 import tarfile
 import tempfile
 import warnings
@@ -24,7 +28,7 @@ from hypothesis import strategies as st
 
 from NormativeAnomalyLib.cli import main
 from NormativeAnomalyLib.errors import ModelPackageError
-from NormativeAnomalyLib.models import load_package, read_card, resolve_model
+from NormativeAnomalyLib.models import installed_model_names, load_package, model_summaries, read_card, resolve_model
 from NormativeAnomalyLib.models.archive import MAX_MEMBERS, MAX_TOTAL_BYTES, _copy_counted, _Member, install_package
 from NormativeAnomalyLib.models.package import MAX_CARD_BYTES, validate_card
 from NormativeAnomalyLib.resources import user_models_dir
@@ -134,6 +138,18 @@ def test_an_archived_package_installs_and_resolves_by_name(tmp_path, models_root
     assert resolve_model(NAME).name == NAME
 
 
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_a_tar_with_extended_headers_installs(tmp_path, models_root, tar_format):
+    """What tar writes for long names, and pax headers (global and per member), stay within the limits."""
+    folder = "long-folder-name-" + "x" * 100  # over the 100 characters of a plain tar header's name
+    with tarfile.open(tmp_path / "pkg.tar.gz", "w:gz", format=tar_format, pax_headers={"comment": "global"}) as archive:
+        for name, data in packaged(f"{folder}/"):
+            info = tarfile.TarInfo(name)
+            info.size, info.pax_headers = len(data), {"comment": "a member's own pax header"}
+            archive.addfile(info, io.BytesIO(data))
+    assert install_package(tmp_path / "pkg.tar.gz", models_root) == models_root / NAME
+
+
 def test_user_models_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("NORMATIVE_ANOMALY_MODELS", raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
@@ -182,6 +198,134 @@ def test_links_devices_and_fifos_in_a_tar_are_refused(tmp_path, models_root, rel
                tar_member(f"{NAME}/weights.safetensors", kind=kind, link=link)]
     message = refused_install(write_tar(tmp_path / "evil.tar.gz", members), models_root, what)
     reliability_case(ARCHIVE_AREA, f"tar member that is a {what}", message)
+
+
+def tar_header(name: str, kind: bytes, size: int = 0, pax_headers: dict[str, str] | None = None,
+               patch: dict[int, bytes] | None = None) -> bytes:
+    """The header block(s) of one tar member, as a hostile archiver may write them: any size (negative
+    ones too, in GNU base-256), raw bytes patched in at offsets, the checksum recomputed."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.pax_headers = kind, size, pax_headers or {}
+    blocks = bytearray(info.tobuf(tarfile.PAX_FORMAT if pax_headers else tarfile.GNU_FORMAT))
+    header = len(blocks) - tarfile.BLOCKSIZE  # the member's own block comes last
+    for offset, data in (patch or {}).items():
+        blocks[header + offset:header + offset + len(data)] = data
+    blocks[header + 148:header + 156] = b" " * 8
+    blocks[header + 148:header + 156] = b"%06o\0 " % sum(blocks[header:header + tarfile.BLOCKSIZE])
+    return bytes(blocks)
+
+
+def package_tar_blocks() -> bytes:
+    """The test package's members and the end-of-archive blocks, uncompressed."""
+    stream = io.BytesIO()
+    with tarfile.open(fileobj=stream, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        for name, data in packaged():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return stream.getvalue()
+
+
+def write_tar_with_a_huge_header(path: Path, kind: bytes, size: int, filler_bytes: int) -> Path:
+    """A .tar.gz starting with a ``kind`` header that announces ``size`` bytes, then ``filler_bytes``
+    of 'a' and the package. Written as concatenated gzip members (one valid gzip stream), so that
+    hundreds of MB of header data take a few hundred kB and no time to write."""
+    chunk = gzip.compress(b"a" * (1 << 20), compresslevel=9)
+    with open(path, "wb") as stream:
+        stream.write(gzip.compress(tar_header("././@LongLink", kind, size)))
+        for _ in range(filler_bytes >> 20):
+            stream.write(chunk)
+        stream.write(gzip.compress(package_tar_blocks()))
+    return path
+
+
+# A child process that installs each archive under a memory limit of what it already uses plus
+# HEADROOM: an archive library that reads a huge header or directory into memory fails with MemoryError.
+MEMORY_LIMITED_INSTALL = """
+import resource, sys, tarfile, gzip, zipfile
+from NormativeAnomalyLib.errors import ModelPackageError
+from NormativeAnomalyLib.models.archive import install_package
+
+used = next(int(line.split()[1]) << 10 for line in open("/proc/self/status") if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (used + int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_AS)[1]))
+for archive in sys.argv[3:]:
+    try:
+        install_package(archive, sys.argv[2])
+        print("installed")
+    except ModelPackageError as error:
+        print(error)
+    except MemoryError:
+        print("MemoryError")
+"""
+HEADROOM = 300 << 20
+HUGE_HEADER = 600 << 20  # what the tester's 0.6 MB archive announced
+
+
+def memory_limited_install(archives: list[Path], models_root: Path) -> list[str]:
+    """The one-line outcome of installing each archive in a child process limited to the memory it
+    already uses plus HEADROOM (a refusal's message, "installed" or "MemoryError")."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "NormativeAnomaly"))
+    result = subprocess.run([sys.executable, "-c", MEMORY_LIMITED_INSTALL, str(HEADROOM), str(models_root),
+                             *map(str, archives)], capture_output=True, text=True, env=env, timeout=600)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and len(lines) == len(archives), result.stderr[-2000:]
+    assert not models_root.exists() or not list(models_root.iterdir())
+    return lines
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="measures memory with RLIMIT_AS and /proc")
+def test_a_huge_tar_extended_header_is_refused_before_it_is_read(tmp_path, models_root, reliability_case):
+    kinds = {"600 MB pax extended header": (tarfile.XHDTYPE, HUGE_HEADER),
+             "600 MB pax global header": (tarfile.XGLTYPE, HUGE_HEADER),
+             "600 MB GNU long name header": (tarfile.GNUTYPE_LONGNAME, HUGE_HEADER),
+             "600 MB GNU long link header": (tarfile.GNUTYPE_LONGLINK, HUGE_HEADER),
+             "pax extended header of -600 MB (a read to the end), then 600 MB": (tarfile.XHDTYPE, -HUGE_HEADER)}
+    archives = [write_tar_with_a_huge_header(tmp_path / f"huge{i}.tar.gz", kind, size, HUGE_HEADER)
+                for i, (kind, size) in enumerate(kinds.values())]
+    assert all(archive.stat().st_size < 1 << 20 for archive in archives)
+    lines = memory_limited_install(archives, models_root)
+    for case, line, archive in zip(kinds, lines, archives):
+        assert line.startswith(f"{archive}: refusing a tar") and "header of" in line, line
+        reliability_case(ARCHIVE_AREA, f"0.6 MB .tar.gz announcing a {case}", line)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="measures memory with RLIMIT_AS and /proc")
+def test_a_huge_zip_directory_is_refused_before_it_is_read(tmp_path, models_root, reliability_case):
+    entries = 1_200_000  # 56 MB of 47-byte entries: zipfile would make about 600 MB of objects of them
+    entry = struct.pack(zipfile.structCentralDir, zipfile.stringCentralDir, 20, 3, 20, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0,
+                        0, 0, 0, 0, 0) + b"a"
+    end = struct.pack(zipfile.structEndArchive, zipfile.stringEndArchive, 0, 0, 0xFFFF, 0xFFFF,
+                      entries * len(entry), 0, 0)
+    archive = tmp_path / "directory.zip"
+    archive.write_bytes(entry * entries + end)
+    [line] = memory_limited_install([archive], models_root)
+    assert line.startswith(f"{archive}: a zip directory of"), line
+    reliability_case(ARCHIVE_AREA, "zip whose central directory lists 1.2 million entries (56 MB)", line)
+
+
+@pytest.mark.parametrize("case, blocks, match", [
+    ("old GNU sparse member with extension blocks",
+     tar_header(f"{NAME}/notes.txt", tarfile.GNUTYPE_SPARSE, 512, patch={482: b"\x01"}), "sparse"),
+    ("pax GNU sparse 1.0 member whose map never ends",
+     tar_header(f"{NAME}/notes.txt", tarfile.REGTYPE, 1024, {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                                                            "GNU.sparse.name": f"{NAME}/notes.txt",
+                                                            "GNU.sparse.realsize": "10"})
+     + b"99999999999\n1\n" + bytes(1024 - 15), "sparse"),
+    ("pax GNU sparse 0.1 member",
+     tar_header(f"{NAME}/notes.txt", tarfile.REGTYPE, 512, {"GNU.sparse.map": "0,10", "GNU.sparse.size": "10",
+                                                           "GNU.sparse.name": f"{NAME}/notes.txt"})
+     + bytes(512), "sparse"),
+    ("1000 pax headers in a row (deeper than Python's recursion limit)",
+     b"".join(tar_header("././@PaxHeader", tarfile.XHDTYPE, 9) + b"9 a=bcde\n".ljust(512, b"\0")
+              for _ in range(1000)), "extended headers"),
+    ("pax header with a negative size", tar_header("././@PaxHeader", tarfile.XHDTYPE, -1024), "negative size"),
+])
+def test_tar_headers_that_grow_without_bound_are_refused(tmp_path, models_root, reliability_case, case, blocks,
+                                                         match):
+    archive = tmp_path / "odd.tar.gz"
+    archive.write_bytes(gzip.compress(blocks + package_tar_blocks()))
+    message = refused_install(archive, models_root, match)
+    reliability_case(ARCHIVE_AREA, case, message)
 
 
 def test_a_symlink_in_a_zip_is_refused(tmp_path, models_root, reliability_case):
@@ -301,6 +445,84 @@ def test_a_bundled_models_name_is_refused(tmp_path, models_root, reliability_cas
     members[0] = (members[0][0], json.dumps(card).encode())
     message = refused_install(write_zip(tmp_path / "shadow.zip", members), models_root, "bundled model")
     reliability_case(ARCHIVE_AREA, "package named like a bundled model (would be shadowed)", message)
+
+
+def card_named(name: str) -> list[tuple[str, bytes]]:
+    """The test package's archive members, its card renamed."""
+    members = packaged()
+    card = json.loads(members[0][1])
+    card["name"] = name
+    members[0] = (members[0][0], json.dumps(card).encode())
+    return members
+
+
+@pytest.mark.parametrize("name", ["dae-t1\n", f"{NAME}\n", "DAE-T1", "dae\u2010t1", f"{NAME} ", "\uff41e3d-t1",
+                                  f"{NAME}.", "nul", "com1.mine"])
+def test_a_card_name_that_is_not_a_plain_lowercase_name_is_refused(tmp_path, models_root, reliability_case, name):
+    archive = write_zip(tmp_path / "odd.zip", card_named(name))
+    message = refused_install(archive, models_root, "is not a valid model card: name: ")
+    reliability_case(ARCHIVE_AREA, f"card named {name!r}", message)
+
+
+def test_an_installed_folder_is_used_only_under_its_cards_name(tmp_path, package_dir, reliability_case):
+    root = tmp_path / "home" / "models"
+    shutil.copytree(package_dir, root / "other")  # its card says NAME
+    shutil.copytree(package_dir, root / f"{NAME}\n")  # left by an install that did not check names
+    shutil.copytree(package_dir, root / "dae-t1")  # copied by hand under a bundled name
+    edit_card(root / "dae-t1", lambda card: card.update(name="dae-t1"))
+    assert installed_model_names(root) == ["other"]
+    summaries = model_summaries(user_root=root)
+    assert [summary["name"] for summary in summaries].count("dae-t1") == 1
+    other = next(summary for summary in summaries if summary["name"] == "other")
+    assert "error" in other and "\n" not in other["error"]
+    with pytest.raises(ModelPackageError, match=f"holds the package '{NAME}'") as error:
+        resolve_model("other", user_root=root)
+    assert "\n" not in str(error.value)
+    assert resolve_model("dae-t1", user_root=root).path == BUNDLED / "dae-t1"
+    reliability_case(AREA, "installed folder whose card names another model", str(error.value))
+
+
+@pytest.fixture
+def cwd_with_a_dae_t1_folder(tmp_path, monkeypatch) -> Path:
+    """A working directory holding ./dae-t1: a copy of the intensity baseline, renamed dae-t1."""
+    folder = tmp_path / "work" / "dae-t1"
+    shutil.copytree(BUNDLED / "intensity-t1", folder)
+    edit_card(folder, lambda card: card.update(name="dae-t1"))
+    monkeypatch.chdir(folder.parent)
+    return folder
+
+
+@pytest.mark.parametrize("model", [None, "dae-t1", "./dae-t1"])
+def test_a_folder_in_the_working_directory_is_used_only_when_given_as_a_path(cwd_with_a_dae_t1_folder, tmp_path,
+                                                                           template_t1_path, reliability_case, model):
+    out = tmp_path / "out"
+    options = [] if model is None else ["--model", model]
+    assert main(["run", str(template_t1_path), "--registered", "--out", str(out), "--quiet", *options]) == 0
+    used = json.loads((out / "run.json").read_text())["model"]
+    expected = cwd_with_a_dae_t1_folder if model == "./dae-t1" else BUNDLED / "dae-t1"
+    assert Path(used["path"]).is_absolute() and Path(used["path"]).resolve() == expected.resolve()
+    assert used["family"] == ("intensity" if model == "./dae-t1" else "dae")
+    option = "no --model" if model is None else f"--model {model}"
+    reliability_case(AREA, f"./dae-t1 in the working directory (another package, renamed), {option}",
+                     f"runs {'that folder' if model == './dae-t1' else 'the bundled dae-t1'} (run.json names it)")
+
+
+def test_a_bare_name_never_means_a_folder_in_the_working_directory(cwd_with_a_dae_t1_folder, tmp_path, monkeypatch,
+                                                                 template_t1_path, capsys, reliability_case):
+    work = cwd_with_a_dae_t1_folder.parent
+    shutil.copytree(cwd_with_a_dae_t1_folder, work / "mine")
+    edit_card(work / "mine", lambda card: card.update(name="mine"))
+    monkeypatch.setenv("NORMATIVE_ANOMALY_MODELS", str(tmp_path / "no-models"))
+    before = tree(tmp_path)
+    out = tmp_path / "out"
+    assert main(["run", str(template_t1_path), "--registered", "--out", str(out), "--model", "mine"]) == 1
+    message = capsys.readouterr().err.strip()
+    assert "unknown model 'mine'" in message and "'./mine'" in message and "\n" not in message
+    assert {key: value for key, value in tree(tmp_path).items() if not key.startswith(".out.")} == before
+    assert resolve_model("./mine").name == resolve_model(str(work / "mine")).name == "mine"
+    monkeypatch.setenv("HOME", str(work))
+    assert resolve_model("~/mine").name == "mine"
+    reliability_case(AREA, "--model NAME where NAME is only a package folder in the working directory", message)
 
 
 # --- loading package folders ---------------------------------------------------------------------
@@ -423,6 +645,9 @@ def test_an_unreadable_card_is_refused(package_dir, reliability_case, content, m
     (lambda card: card.update(network={"name": "os.system", "args": {}}), "network", "card naming an unknown network"),
     (lambda card: card.update(template={"name": "../../etc"}), "template/name", "template name with a path"),
     (lambda card: card.update(format_version=2), "format_version", "future format version"),
+    (lambda card: card.update(version="0.1.0\n"), "version", "version with a trailing newline"),
+    (lambda card: card["weights"].update(file="weights.safetensors\n"), "weights/file",
+     "weights file name with a trailing newline"),
     (lambda card: card.update(unexpected=1), "Additional properties", "unknown top-level field"),
     (lambda card: card["calibration"]["threshold"].__setitem__(0, float("nan")), "not a finite number",
      "NaN in the calibration (passes every schema bound)"),

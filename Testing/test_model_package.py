@@ -12,6 +12,8 @@ import torch
 
 from NormativeAnomalyLib.errors import ModelPackageError
 from NormativeAnomalyLib.models import available_models, default_model_name, load_package, resolve_model
+from NormativeAnomalyLib.models.package import is_model_name
+from NormativeAnomalyLib.models.registry import is_package_path
 
 
 def copy_package(package, tmp_path: Path) -> Path:
@@ -44,3 +46,18 @@ def test_inconsistent_calibration_is_refused(trained_dae, tmp_path):
     (folder / "model.json").write_text(json.dumps(card))
     with pytest.raises(ModelPackageError, match="calibration"):
         load_package(folder)
+
+
+@pytest.mark.parametrize("text, path", [("dae-t1", False), ("my.model_2", False), ("./dae-t1", True), ("../x", True),
+                                        ("~/x", True), ("~", True), ("/x", True), ("a/b", True), (".", True),
+                                        ("DAE-T1", False), ("dae-t1\n", False)])
+def test_only_what_looks_like_a_path_names_a_package_folder(text, path):
+    assert is_package_path(text) == path
+
+
+@pytest.mark.parametrize("text, valid", [("dae-t1", True), ("ddpm-simplex-t1", True), ("a", True), ("x" * 64, True),
+                                         ("x" * 65, False), ("dae-t1\n", False), ("DAE-T1", False),
+                                         ("dae\u2010t1", False), ("dae-t1.", False), ("-a", False), ("", False),
+                                         ("nul", False), ("lpt1.x", False), ("null", True), (None, False)])
+def test_model_names(text, valid):
+    assert is_model_name(text) == valid

@@ -1,9 +1,11 @@
 """Installing a model package from a .zip or .tar(.gz) archive, which may come from a stranger.
 
-Nothing in the archive decides where a byte goes. Every member is checked before anything
-is written: a plain file (no link, device or fifo), a name that cannot leave the package
-(no ``..``, absolute or Windows-style path), at most one top-level folder and no deeper one,
-bounded count, size and compression ratio. Files are then copied one by one, counted as they
+Nothing in the archive decides where a byte goes, or how much memory reading it takes. Every
+member is checked before anything is written: a plain file (no link, device, fifo or sparse
+file), a name that cannot leave the package (no ``..``, absolute or Windows-style path), at most
+one top-level folder and no deeper one, bounded count, size and compression ratio. What the
+archive libraries read whole into memory is bounded before they read it: tar extended headers
+(pax, GNU long names) and the zip central directory. Files are then copied one by one, counted as they
 are read (a lying header cannot make them larger), into a hidden staging folder inside the
 models folder; the package is loaded from there (card schema, SHA-256, safetensors, weights
 against the network) and renamed into place whole. On any error the staging folder is removed:
@@ -25,14 +27,24 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, NoReturn
 
 from ..errors import ModelPackageError, one_line
 from .package import MAX_CARD_BYTES, MAX_WEIGHTS_BYTES, load_package
-from .registry import available_models
+from .registry import bundled_model_names
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 MAX_MEMBERS = 64
+# tarfile reads an extended header whole into memory, and chains them by recursion: a pax
+# header holds a few short records, a GNU long name one path.
+MAX_EXTENDED_HEADER_BYTES = 64 << 10
+MAX_EXTENDED_HEADERS = 2 * MAX_MEMBERS  # a pax header, or a GNU long name and long link, per member
+EXTENDED_HEADER_KINDS = {tarfile.XHDTYPE: "pax extended", tarfile.XGLTYPE: "pax global",
+                         tarfile.SOLARIS_XHDTYPE: "Solaris extended", tarfile.GNUTYPE_LONGNAME: "GNU long name",
+                         tarfile.GNUTYPE_LONGLINK: "GNU long link"}
+# zipfile turns the whole central directory into objects (about 6 times its size) before any
+# member can be counted: 4 kB an entry is ample for its name, extra fields and comment.
+MAX_ZIP_DIRECTORY_BYTES = MAX_MEMBERS * (4 << 10)
 MAX_EXTRA_BYTES = 64 << 20  # loss curves, notes: whatever a package carries besides card and weights
 MAX_TOTAL_BYTES = MAX_WEIGHTS_BYTES + MAX_CARD_BYTES + MAX_EXTRA_BYTES
 MAX_RATIO = 100  # deflate reaches about 1000:1 on a bomb; weights compress about 1.1:1, cards 5:1
@@ -43,6 +55,10 @@ CHUNK = 1 << 20
 # What a damaged or unsupported archive raises while being read; other OSErrors (a full disk) are not its fault.
 _READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError,
                 NotImplementedError)
+
+
+class _Refused(Exception):
+    """An archive refused while the archive library reads it; the message lacks the archive's path."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,8 @@ def _unpack(archive_path: Path, staging: Path) -> None:
             for member, file_name in files:
                 with open_member(member) as source, open(staging / file_name, "xb") as target:
                     _copy_counted(source, target, member, archive_path)
+    except _Refused as error:
+        raise ModelPackageError(f"{archive_path}: {error}") from None
     except _READ_ERRORS as error:
         detail = one_line(error)[:200]
         raise ModelPackageError(f"{archive_path}: not a readable archive ({type(error).__name__}: {detail})") from None
@@ -93,16 +111,63 @@ def _open_archive(archive_path: Path) -> Iterator[tuple[list[_Member], Callable[
     lowered = archive_path.name.lower()
     archive_bytes = archive_path.stat().st_size
     if lowered.endswith(".zip"):
+        _check_zip_directory(archive_path)
         with zipfile.ZipFile(archive_path) as archive:
             members = [_zip_member(info, archive_path) for info in archive.infolist()]
             _check_totals(members, archive_bytes, archive_path)
             yield members, lambda member: archive.open(member.handle)
     elif lowered.endswith((".tar", ".tar.gz", ".tgz")):
-        with tarfile.open(archive_path, "r:*") as archive:
+        with _BoundedTarFile.open(archive_path, "r:*") as archive:
             members = _tar_members(archive, archive_bytes, archive_path)
             yield members, lambda member: archive.extractfile(member.handle)
     else:
         raise ModelPackageError(f"{archive_path}: not a {', '.join(ARCHIVE_SUFFIXES)} file")
+
+
+def _check_zip_directory(archive_path: Path) -> None:
+    """Refuse a central directory larger than a package's before zipfile reads it, found with
+    zipfile's own end-record reader so that both agree on where it is."""
+    with open(archive_path, "rb") as stream:
+        end_record = zipfile._EndRecData(stream)
+    if end_record and end_record[zipfile._ECD_SIZE] > MAX_ZIP_DIRECTORY_BYTES:
+        raise ModelPackageError(f"{archive_path}: a zip directory of {end_record[zipfile._ECD_SIZE]} bytes; a model "
+                                f"package's needs at most {MAX_ZIP_DIRECTORY_BYTES >> 10} kB")
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's own header parsing, with what would make it read without bound refused at the
+    point where it decides what to read (``_proc_member``): an extended header it would read
+    whole, a chain of them it would follow by recursion, a negative size (a read to the end of
+    the stream), and sparse files, whose maps grow with the archive's data."""
+
+    def _proc_member(self, archive: _BoundedTarFile) -> tarfile.TarInfo:
+        if self.size < 0:
+            raise _Refused(f"refusing a tar header of {self.size} bytes (a negative size) for {self.name!r}")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _sparse_refusal(self)
+        if self.type in EXTENDED_HEADER_KINDS:
+            archive.extended_headers += 1
+            if archive.extended_headers > MAX_EXTENDED_HEADERS:
+                raise _Refused(f"more than {MAX_EXTENDED_HEADERS} tar extended headers; not a model package")
+            if self.size > MAX_EXTENDED_HEADER_BYTES:
+                raise _Refused(f"refusing a tar {EXTENDED_HEADER_KINDS[self.type]} header of {self.size} bytes; "
+                               f"a model package needs at most {MAX_EXTENDED_HEADER_BYTES >> 10} kB")
+        return super()._proc_member(archive)
+
+    def _refuse_pax_sparse(self, member: tarfile.TarInfo, *_: Any) -> NoReturn:
+        raise _sparse_refusal(member)
+
+    # The GNU sparse formats a pax header announces (0.0, 0.1, 1.0), before tarfile reads their maps.
+    _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_pax_sparse
+
+
+def _sparse_refusal(member: tarfile.TarInfo) -> _Refused:
+    return _Refused(f"refusing {member.name!r}: a GNU sparse file; a package holds plain files only")
+
+
+class _BoundedTarFile(tarfile.TarFile):
+    tarinfo = _BoundedTarInfo
+    extended_headers = 0  # counted by _BoundedTarInfo while reading
 
 
 def _zip_member(info: zipfile.ZipInfo, archive_path: Path) -> _Member:
@@ -133,6 +198,8 @@ def _tar_members(archive: tarfile.TarFile, archive_bytes: int, archive_path: Pat
     it is decompressed further than the limits allow."""
     members: list[_Member] = []
     for info in archive:
+        if info.size < 0:  # a pax "size" record may say so too
+            raise ModelPackageError(f"{archive_path}: {info.name!r} has a negative size; not a readable archive")
         members.append(_Member(info.name, _tar_kind(info), info.size if info.isreg() else 0, info))
         _check_totals(members, archive_bytes, archive_path)
     return members
@@ -239,7 +306,7 @@ def _validated_name(staging: Path, archive_path: Path) -> str:
 def _move_into_place(staging: Path, destination: Path, overwrite: bool) -> Path:
     """Rename the checked package into place; an existing one is replaced only when asked, and
     only after the new one is complete (renamed aside first, restored if the swap fails)."""
-    if destination.name in _bundled_names():
+    if destination.name in bundled_model_names():
         raise ModelPackageError(f"'{destination.name}' is the name of a bundled model; rename the package "
                                 "(the card's name) to install it")
     exists = destination.exists() or destination.is_symlink()
@@ -260,11 +327,3 @@ def _move_into_place(staging: Path, destination: Path, overwrite: bool) -> Path:
     shutil.rmtree(aside.parent, ignore_errors=True)
     return destination
 
-
-def _bundled_names() -> set[str]:
-    """Names of the bundled models (none where the resources have no registry): an installed
-    package of the same name would never be found, as bundled names resolve first."""
-    try:
-        return {entry["name"] for entry in available_models()}
-    except ModelPackageError:
-        return set()

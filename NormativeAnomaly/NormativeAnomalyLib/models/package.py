@@ -13,10 +13,11 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import ModelPackageError, one_line
 from ..scoring import Calibration
@@ -29,11 +30,45 @@ CARD_FILE = "model.json"
 MAX_CARD_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 2 << 30
 MAX_CARD_DEPTH = 32  # the schema needs 5 levels; deeper JSON only exhausts recursion
+# Names Windows keeps for devices, whatever follows a dot: no folder there can have one.
+WINDOWS_DEVICE_NAMES = re.compile(r"(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?")
 
 
 @lru_cache(maxsize=1)
 def _card_schema() -> dict[str, Any]:
     return json.loads((Path(__file__).with_name("model_card.schema.json")).read_text())
+
+
+@lru_cache(maxsize=None)
+def _compiled_pattern(pattern: str) -> re.Pattern[str]:
+    # The schema's patterns use "$" only as their end anchor.
+    return re.compile(re.sub(r"(?<!\\)\$", r"\\Z", pattern))
+
+
+def pattern_matches(pattern: str, text: str) -> bool:
+    """Whether ``text`` matches a card schema pattern as JSON Schema means it (ECMA-262), where
+    ``$`` is the end of the string: Python's ``$`` also matches before a final newline, which
+    would let a name such as "dae-t1\\n" through."""
+    return _compiled_pattern(pattern).search(text) is not None
+
+
+def is_model_name(text: Any) -> bool:
+    """Whether ``text`` is a valid model name (the card schema's ``name``, and a folder name on
+    every platform): what a package is installed and resolved by, and its folder's name."""
+    return (isinstance(text, str) and pattern_matches(_card_schema()["properties"]["name"]["pattern"], text)
+            and not WINDOWS_DEVICE_NAMES.fullmatch(text))
+
+
+@lru_cache(maxsize=1)
+def _card_validator() -> Any:
+    import jsonschema  # here, not at module level: Slicer's process lists models without it
+
+    def pattern(validator: Any, pattern: str, instance: Any, schema: dict[str, Any]) -> Iterator[Any]:
+        if validator.is_type(instance, "string") and not pattern_matches(pattern, instance):
+            yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+    strict = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": pattern})
+    return strict(_card_schema())
 
 
 @dataclass(frozen=True)
@@ -108,15 +143,17 @@ def _first_mismatch(expected: dict[str, tuple[int, ...]], given: dict[str, tuple
 
 def validate_card(card: Any, source: str = "card") -> dict[str, Any]:
     """Schema and consistency checks; raises ModelPackageError with the first problem."""
-    import jsonschema  # here, not at module level: Slicer's process lists models without it
+    import jsonschema
 
     _check_plain_json(card, source)
-    validator = jsonschema.Draft202012Validator(_card_schema())
     # best_match descends into oneOf alternatives, so the message names the offending field.
-    error = jsonschema.exceptions.best_match(validator.iter_errors(card))
+    error = jsonschema.exceptions.best_match(_card_validator().iter_errors(card))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         raise ModelPackageError(f"{source} is not a valid model card: {where}: {error.message[:200]}")
+    if not is_model_name(card["name"]):  # what the schema cannot say
+        raise ModelPackageError(f"{source} is not a valid model card: name: {card['name']!r} is a Windows device "
+                                "name, which no folder can have there")
     if (card["network"] is None) != (card["family"] == "intensity") or (card["network"] is None) != (
         card["weights"] is None
     ):

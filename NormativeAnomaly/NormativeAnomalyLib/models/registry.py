@@ -1,20 +1,22 @@
 """The bundled model registry (``Resources/Models/registry.json``) and name resolution.
 
-``resolve_model`` accepts a registered name, the name of a package installed in the user's
-models folder (``resources.user_models_dir``, see ``archive.install_package``), or the path
-of a package folder.
+``resolve_model`` accepts a model name, bundled or installed in the user's models folder
+(``resources.user_models_dir``, see ``archive.install_package``), or the path of a package
+folder. Only what looks like a path (``is_package_path``) is looked for on disk: a folder
+in the working directory never stands in for a model name.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelPackageError
 from ..resources import models_dir, user_models_dir
-from .package import CARD_FILE, ModelPackage, load_package
+from .package import CARD_FILE, ModelPackage, is_model_name, load_package
 
 REGISTRY_FILE = "registry.json"
 DIFFUSION_FAMILY = "ddpm"
@@ -39,6 +41,28 @@ def available_models(root: Path | None = None) -> list[dict[str, Any]]:
     ]
 
 
+def bundled_model_names(root: Path | None = None) -> set[str]:
+    """Names of the bundled models (none where the resources have no registry): they resolve
+    before installed ones, so an installed package of the same name would never be used."""
+    try:
+        return {entry["name"] for entry in available_models(root)}
+    except ModelPackageError:
+        return set()
+
+
+def is_package_path(name_or_path: str) -> bool:
+    """Whether ``--model`` names a package folder rather than a model: it holds a path separator
+    or a drive, or starts with "." or "~" (./dae-t1, ../models/x, ~/x, /x, C:x)."""
+    separators = [sep for sep in (os.sep, os.altsep, "/") if sep]
+    return any(sep in name_or_path for sep in separators) or name_or_path.startswith((".", "~")) or bool(
+        Path(name_or_path).drive)
+
+
+def _name_mismatch(folder: Path, name: str, card_name: Any) -> str:
+    return (f"model {name!r}: its folder {folder} holds the package {card_name!r}; a package is used by its "
+            "card's name (install it with 'normative-anomaly models install')")
+
+
 SUMMARY_FIELDS = ("version", "family", "modality", "dims", "description", "license")
 
 
@@ -50,7 +74,7 @@ def model_summaries(root: Path | None = None, user_root: Path | None = None) -> 
     entries = [dict(entry, installed=False) for entry in available_models(root)]
     user_root = user_root or user_models_dir()
     entries += [{"name": name, "path": user_root / name, "default": False, "installed": True}
-                for name in installed_model_names(user_root)]
+                for name in installed_model_names(user_root, root)]
     summaries = []
     for entry in entries:
         summary = dict(entry)
@@ -59,6 +83,8 @@ def model_summaries(root: Path | None = None, user_root: Path | None = None) -> 
             summary.update({key: card.get(key, "") for key in SUMMARY_FIELDS})
             summary["training_data"] = (card.get("training") or {}).get("data", "")
             summary["template"] = (card.get("template") or {}).get("name", "")
+            if card.get("name") != entry["name"]:  # resolve_model would refuse it
+                summary["error"] = _name_mismatch(entry["path"], entry["name"], card.get("name"))
         except (OSError, ValueError, AttributeError) as error:
             summary["error"] = f"cannot read the card of {entry['name']!r}: {error}"
         summaries.append(summary)
@@ -69,33 +95,44 @@ def default_model_name(root: Path | None = None) -> str:
     return _registry(root)["default"]
 
 
-def installed_model_names(user_root: Path | None = None) -> list[str]:
-    """Names of the packages in the user's models folder: its sub-folders holding a card
-    (install_package names each folder after its card's ``name``)."""
-    root = user_root or user_models_dir()
-    if not root.is_dir():
+def installed_model_names(user_root: Path | None = None, root: Path | None = None) -> list[str]:
+    """Names of the packages in the user's models folder: its sub-folders holding a card, named
+    as a model may be (install_package names each folder after its card's ``name``), but for
+    those a bundled model's name hides (bundled names resolve first)."""
+    user_root = user_root or user_models_dir()
+    if not user_root.is_dir():
         return []
-    return sorted(folder.name for folder in root.iterdir()
-                  if not folder.name.startswith(".") and (folder / CARD_FILE).is_file())
+    bundled = bundled_model_names(root)
+    return sorted(folder.name for folder in user_root.iterdir()
+                  if is_model_name(folder.name) and folder.name not in bundled and (folder / CARD_FILE).is_file())
 
 
 def resolve_model(name_or_path: str | None = None, root: Path | None = None,
                   user_root: Path | None = None) -> ModelPackage:
-    """Load a package: a folder by path, else a registered name (the default when ``None``),
-    else the name of an installed package."""
+    """Load a package: a folder when given a path (``is_package_path``), else a bundled model's
+    name (the default when ``None``), else an installed package's."""
     if name_or_path is None:
         name_or_path = default_model_name(root)
-    candidate = Path(name_or_path).expanduser()
-    if (candidate / CARD_FILE).is_file():
-        return load_package(candidate)
+    if is_package_path(name_or_path):  # absolute, so that run.json says which folder it was
+        return load_package(Path(name_or_path).expanduser().absolute())
     for entry in available_models(root):
         if entry["name"] == name_or_path:
-            return load_package(entry["path"])
-    installed = installed_model_names(user_root)
+            return _load_named(name_or_path, entry["path"])
+    installed = installed_model_names(user_root, root)
     if name_or_path in installed:
-        return load_package((user_root or user_models_dir()) / name_or_path)
+        return _load_named(name_or_path, (user_root or user_models_dir()) / name_or_path)
     names = ", ".join([entry["name"] for entry in available_models(root)] + installed)
-    raise ModelPackageError(f"unknown model '{name_or_path}': not a package folder, and not one of: {names}")
+    here = Path(name_or_path, CARD_FILE).is_file()
+    hint = f"; for the package folder here, write './{name_or_path}'" if here else ""
+    raise ModelPackageError(f"unknown model {name_or_path!r}: not one of: {names}{hint}")
+
+
+def _load_named(name: str, folder: Path) -> ModelPackage:
+    """The package in ``folder``, which must be the one its card calls ``name``."""
+    package = load_package(folder)
+    if package.name != name:
+        raise ModelPackageError(_name_mismatch(folder, name, package.name))
+    return package
 
 
 def is_diffusion_model(summary: dict[str, Any] | None) -> bool:
