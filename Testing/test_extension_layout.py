@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
 import xml.dom.minidom
 from pathlib import Path
@@ -245,3 +246,63 @@ def test_cmake_copies_every_resource_folder_the_code_looks_up_into_the_build_tre
     assert re.search(r'normative_anomaly_copy_folders\("\$\{CMAKE_CURRENT_SOURCE_DIR\}/\.\./Testing/Data" '
                      r'"\$\{_module_resources\}/TestData"', module_cmake)
     assert "install(" not in module_cmake  # the macro installs the build tree's module folder
+
+
+# The oldest Slicer the module is checked against (README, docs/architecture.md) and its Python.
+MINIMUM_SLICER, MINIMUM_PYTHON = "5.10", (3, 12)
+PYTHON_CHECK = r"""
+import ast, json, sys
+from pathlib import Path
+errors, imported = [], set()
+for path in sys.argv[1:]:
+    source = Path(path).read_text(encoding="utf-8")
+    try:
+        tree = compile(source, path, "exec", ast.PyCF_ONLY_AST)
+        compile(tree, path, "exec")
+    except SyntaxError as error:
+        errors.append(f"{path}:{error.lineno}: {error.msg}")
+        continue
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add(node.module.split(".")[0])
+print(json.dumps({"version": list(sys.version_info[:2]), "errors": errors,
+                  "not_stdlib": sorted(imported - set(sys.stdlib_module_names))}))
+"""
+
+
+def test_the_extension_compiles_under_the_oldest_python_slicer_ships():
+    """Slicer 5.10 ships Python 3.12 (5.6 and 5.8 ship 3.9, which the module does not support):
+    every file Slicer loads (the module, its panel and the whole core, which the PythonSlicer child
+    runs) must compile there, and no standard-library module it imports may be missing there."""
+    import json
+    import subprocess
+    import sys
+    from glob import glob
+
+    import pytest
+
+    candidates = sorted(glob(os.path.expanduser(f"~/.pyenv/versions/{MINIMUM_PYTHON[0]}.{MINIMUM_PYTHON[1]}.*/bin/python")))
+    if not candidates:
+        pytest.skip(f"no Python {MINIMUM_PYTHON[0]}.{MINIMUM_PYTHON[1]} (pyenv install {MINIMUM_PYTHON[0]}.{MINIMUM_PYTHON[1]})")
+    files = [str(path) for path in _module_python_files()]
+    result = subprocess.run([candidates[-1], "-c", PYTHON_CHECK, *files], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert tuple(report["version"]) == MINIMUM_PYTHON
+    assert report["errors"] == []
+    third_party = set(report["not_stdlib"])
+    ours = {"NormativeAnomalyLib", "NormativeAnomalySlicer", "NormativeAnomalyWeb"}
+    from_slicer = {"slicer", "qt", "ctk", "vtk", "vtkmodules", "SampleData", "packaging"}
+    # A name that is standard library here but not there was removed (distutils, imp, ...).
+    removed = {name for name in third_party if name in sys.stdlib_module_names}
+    assert not removed, f"not in Python {MINIMUM_PYTHON}'s standard library: {sorted(removed)}"
+    assert third_party - ours - from_slicer, "the scan found no third-party import"
+
+
+def test_readme_and_module_state_the_checked_minimum_slicer():
+    readme = (REPO / "README.md").read_text()
+    assert f"Slicer ≥ {MINIMUM_SLICER}" in readme and "Slicer ≥ 5.6" not in readme
+    description = re.search(r'set\(EXTENSION_DESCRIPTION "([^"]+)"\)', (REPO / "CMakeLists.txt").read_text()).group(1)
+    assert f"Slicer {MINIMUM_SLICER} or later" in description

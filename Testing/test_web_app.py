@@ -131,6 +131,8 @@ def test_demo_in_the_browser(served, tmp_path):
         page.wait_for_function(f"trame.state.get('selected_lesion') === {lesion_id}", timeout=10_000)
         wait_for_frame(page, 0, axial_frames)
         assert "bg-blue-lighten-4" in last.get_attribute("class")
+        wait_for_quiet(page)
+        screenshot(page, "slicer-views.png")  # README's picture of the views (docs/images/slicer_views.png)
 
         # Reject it: it stays in the table as rejected and leaves the segment.
         volume_ml = float(last.locator("td").nth(1).inner_text())
