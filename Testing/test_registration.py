@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -115,3 +117,23 @@ def test_round_trip_through_input_space_preserves_a_smooth_map(template):
 def test_unknown_registration_kind_is_an_error(template, kind):
     with pytest.raises(ValueError):
         register_to_template(template.image, template.image, kind)
+
+
+@pytest.mark.slow
+def test_the_same_real_head_registers_identically_on_every_run(real_t1_head_path):
+    """A scan near the alignment cut-off must not pass on one run and fail on the next: the same
+    input gives the same transform, to the last bit, in separate processes."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys, SimpleITK as sitk\n"
+            "from NormativeAnomalyLib.registration import register_to_template\n"
+            "from NormativeAnomalyLib.templates import load_template\n"
+            f"image = sitk.ReadImage({str(real_t1_head_path)!r}, sitk.sitkFloat32)\n"
+            "result = register_to_template(image, load_template('icbm152_2009c_t1_2mm').image)\n"
+            "print(json.dumps([list(result.transform.GetParameters()), result.metric]))\n")
+    env = dict(__import__("os").environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "NormativeAnomaly"))
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                      check=True).stdout.splitlines()[-1]) for _ in range(2)]
+    assert runs[0] == runs[1]
