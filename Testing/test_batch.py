@@ -208,3 +208,153 @@ def test_a_corrupt_case_fails_alone(cohort, tmp_path, reliability_case, capsys):
     printed = capsys.readouterr().out
     assert f"truncated: failed: {error}" in printed and "3 ok" not in printed
     reliability_case("batch", "one corrupt case among good ones", error, lost_nothing=True)
+
+
+def _one_line_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.reliability
+def test_second_batch_into_the_same_out_is_refused(cohort, tmp_path, reliability_case, capsys):
+    """Another batch (or run) is writing to --out: refused at once, nothing computed or written."""
+    from test_faults import _hold_lock
+
+    out = tmp_path / "out"
+    holder = _hold_lock(out)
+    try:
+        before = sorted(tmp_path.rglob("*"))
+        assert main(["batch", str(cohort), "--out", str(out), *FAST]) == 1
+        message = _one_line_error(capsys)
+        assert message.startswith("normative-anomaly: error: another run") and f"process {holder.pid}" in message
+        assert sorted(tmp_path.rglob("*")) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    reliability_case("batch", "a second batch into the --out another batch is writing to", f"exit 1: {message}")
+
+
+@pytest.mark.reliability
+def test_too_long_case_id_is_refused(tmp_path, cohort, reliability_case, capsys):
+    listing = tmp_path / "cases.csv"
+    listing.write_text(f"case_id,path\nP1,{cohort / 'case-a.nii.gz'}\n{'P' * 300},{cohort / 'case-b.nii.gz'}\n")
+    out = tmp_path / "out"
+    assert main(["batch", str(listing), "--out", str(out), *FAST]) == 1
+    message = _one_line_error(capsys)
+    assert message.startswith("normative-anomaly: error: case id 'PPP") and "255" in message
+    assert not out.exists()
+    reliability_case("batch", "a case id of 300 characters in the case list", f"exit 1: {message}")
+
+
+@pytest.mark.reliability
+def test_a_case_that_cannot_be_written_fails_alone(cohort, tmp_path, reliability_case, capsys):
+    """A case's folder nobody may write into (chattr +i, which binds root too): that case fails
+    with a one-line reason, the others are written."""
+    if shutil.which("chattr") is None:
+        pytest.skip("no chattr")
+    out = tmp_path / "out"
+    (out / "case-b").mkdir(parents=True)
+    if subprocess.run(["chattr", "+i", str(out / "case-b")]).returncode != 0:
+        pytest.skip("chattr +i is not available on this file system")
+    try:
+        assert main(["batch", str(cohort), "--out", str(out), *FAST]) == 0
+    finally:
+        subprocess.run(["chattr", "-i", str(out / "case-b")])
+    rows = {row["case_id"]: row for row in summary(out)}
+    assert [rows[c]["status"] for c in ("case-a", "case-b", "case-c")] == ["ok", "failed", "ok"]
+    error = rows["case-b"]["error"]
+    assert "internal error" not in error and "case-b" in error and "\n" not in error
+    assert not any((out / "case-b").iterdir())
+    capsys.readouterr()
+    reliability_case("batch", "one case's output folder cannot be written (read-only)", error)
+
+
+@pytest.mark.reliability
+def test_batch_into_a_non_utf8_folder(cohort, tmp_path, reliability_case, capsys):
+    """ITK cannot take a path that is not UTF-8; the outputs are still written."""
+    out = tmp_path / os.fsdecode(b"out\xff")
+    assert main(["batch", str(cohort), "--out", str(out), *FAST]) == 0
+    assert [row["status"] for row in summary(out)] == ["ok"] * 3
+    for name in ("case-a", "case-b", "case-c"):
+        assert_complete_case(out, name, cohort / f"{name}.nii.gz")
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no lock left
+    capsys.readouterr()
+    reliability_case("batch", "--out whose name is not UTF-8 (b'out\\xff')", "every case written; no lock left")
+
+
+@pytest.mark.reliability
+def test_a_non_utf8_input_name_does_not_stop_the_cohort(cohort, tmp_path, reliability_case):
+    """An input file whose name is not UTF-8 among good ones: the batch goes on to the end
+    (in a subprocess: a native abort would take pytest with it)."""
+    folder = tmp_path / "cohort"
+    shutil.copytree(cohort, folder)
+    odd = folder / os.fsdecode(b"case-\xff.nii.gz")
+    shutil.copy(cohort / "case-b.nii.gz", odd)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "NormativeAnomaly"))
+    done = subprocess.run([sys.executable, "-m", "NormativeAnomalyLib.cli", "batch", str(folder), "--out", str(out),
+                           *FAST], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {row["case_id"]: row for row in summary(out)}
+    assert [rows[c]["status"] for c in ("case-a", "case-b", "case-c")] == ["ok"] * 3
+    odd_row = rows["case-_"]
+    assert odd_row["status"] in ("ok", "failed") and "internal error" not in odd_row["error"]
+    outcome = odd_row["status"] if odd_row["status"] == "ok" else f"failed: {odd_row['error']}"
+    reliability_case("batch", "an input whose file name is not UTF-8 among good ones",
+                     f"that case {outcome}; the others ok")
+
+
+def test_batch_outputs_follow_the_umask(cohort, tmp_path, capsys):
+    out = tmp_path / "out"
+    previous = os.umask(0o027)
+    try:
+        assert main(["batch", str(cohort), "--out", str(out), *FAST, "--quiet"]) == 0
+    finally:
+        os.umask(previous)
+    assert (out / "summary.csv").stat().st_mode & 0o777 == 0o640
+    assert {p.stat().st_mode & 0o777 for p in (out / ".batch").iterdir()} == {0o640}
+    assert {(out / c).stat().st_mode & 0o777 for c in ("case-a", "case-b", "case-c")} == {0o750}
+    capsys.readouterr()
+
+
+@pytest.mark.reliability
+def test_a_case_with_a_long_file_name_is_written(cohort, tmp_path, reliability_case, capsys):
+    """A 240-character file name: its case folder fits the 255-byte limit, the hidden staging and
+    lock names beside it would not, and are shortened."""
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    long_name = "x" * 240
+    shutil.copy(cohort / "case-a.nii.gz", folder / f"{long_name}.nii.gz")
+    out = tmp_path / "out"
+    assert main(["batch", str(folder), "--out", str(out), *FAST]) == 0
+    assert [(row["case_id"], row["status"]) for row in summary(out)] == [(long_name, "ok")]
+    assert_complete_case(out, long_name, folder / f"{long_name}.nii.gz")
+    assert sorted(p.name for p in out.iterdir()) == sorted([".batch", long_name, "summary.csv"])
+    capsys.readouterr()
+    reliability_case("batch", "an input file name of 240 characters (its case folder's staging name would pass "
+                     "255 bytes)", "the case is written; no lock or staging folder left")
+
+
+@pytest.mark.reliability
+def test_a_native_library_error_fails_the_case_alone(cohort, tmp_path, monkeypatch, reliability_case, capsys):
+    """A reader in C++ raising its own exception type (not one of ours) on one case."""
+    from NormativeAnomalyLib import volume_io
+
+    real_read = volume_io.read_volume
+
+    def read(path, *args, **kwargs):
+        if Path(path).name == "case-b.nii.gz":
+            raise RuntimeError("Exception thrown in SimpleITK ImageFileReader_Execute: itk::ERROR: bad\nsecond line")
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(volume_io, "read_volume", read)
+    out = tmp_path / "out"
+    assert main(["batch", str(cohort), "--out", str(out), *FAST]) == 0
+    rows = {row["case_id"]: row for row in summary(out)}
+    assert [rows[c]["status"] for c in ("case-a", "case-b", "case-c")] == ["ok", "failed", "ok"]
+    error = rows["case-b"]["error"]
+    assert error.startswith("internal error (RuntimeError: ") and "\n" not in error
+    capsys.readouterr()
+    reliability_case("batch", "a native library raises its own exception on one case", error)

@@ -117,6 +117,82 @@ def falsely_registered(tmp: Path) -> Path:
     return REPO / "Testing" / "Data" / "itk_kmeans_t1.nii.gz"  # run with --registered: it is not in template space
 
 
+def _demo() -> sitk.Image:
+    """The demo's voxels and geometry without its NIfTI fields (which MetaImage cannot store)."""
+    demo = sitk.ReadImage(str(DEMO))
+    image = sitk.GetImageFromArray(sitk.GetArrayFromImage(demo))
+    image.CopyInformation(demo)
+    return image
+
+
+def sheared(tmp: Path) -> Path:
+    """The demo's direction times a shear [[1, .15, 0], [0, 1, 0], [0, 0, 1]]: NIfTI outputs cannot hold
+    it (ITK coerces it to orthogonal), so the maps would lie up to 21 mm off the input."""
+    image = _demo()
+    shear = np.array([[1, 0.15, 0], [0, 1, 0], [0, 0, 1]])
+    image.SetDirection((np.asarray(image.GetDirection()).reshape(3, 3) @ shear).ravel().tolist())
+    return _write(image, tmp / "sheared.mha")
+
+
+def _mha_with(tmp: Path, name: str, field: str, value: str) -> Path:
+    """The demo as MetaImage with one header field rewritten (values ITK itself refuses to set)."""
+    path = _write(_demo(), tmp / name)
+    data = path.read_bytes()
+    start = data.index(field.encode() + b" = ")
+    end = data.index(b"\n", start)
+    path.write_bytes(data[:start] + f"{field} = {value}".encode() + data[end:])
+    return path
+
+
+def singular_direction(tmp: Path) -> Path:
+    return _mha_with(tmp, "two_equal_axes.mha", "TransformMatrix", "1 0 0 1 0 0 0 0 1")
+
+
+def nan_direction(tmp: Path) -> Path:
+    return _mha_with(tmp, "nan_direction.mha", "TransformMatrix", "nan 0 0 0 nan 0 0 0 nan")
+
+
+def far_origin(tmp: Path) -> Path:
+    return _mha_with(tmp, "far.mha", "Offset", "1e30 0 0")
+
+
+def big_nifti_extension(tmp: Path) -> Path:
+    """The demo as a NIfTI whose header extension is 128 MiB (a sparse file): the NIfTI library and
+    nibabel would each read it whole."""
+    import gzip
+    import struct
+
+    raw = gzip.decompress(DEMO.read_bytes())
+    size = 128 * 2**20
+    header = bytearray(raw[:348])
+    header[108:112] = struct.pack("<f", 352 + size)  # vox_offset
+    path = tmp / "big_header.nii"
+    with open(path, "wb") as stream:
+        stream.write(bytes(header) + bytes([1, 0, 0, 0]) + struct.pack("<ii", size, 6))
+        stream.seek(352 + size)
+        stream.write(raw[352:])
+    return path
+
+
+def newline_in_name(tmp: Path) -> Path:
+    path = tmp / "cut\nin two.nii.gz"
+    path.write_bytes(DEMO.read_bytes()[:20000])
+    return path
+
+
+def dicom_missing_slice(tmp: Path) -> Path:
+    from test_hostile_headers import write_dicom_series
+
+    return write_dicom_series(tmp / "dicom", positions=[2.0 * k for k in range(25) if k != 12])
+
+
+def dicom_folder_without_series(tmp: Path) -> Path:
+    folder = tmp / "not_dicom"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("no images here")
+    return folder
+
+
 # (builder, extra CLI arguments, a word the one-line message must contain, description)
 REFUSED = [
     pytest.param(tiny_volume, [], "at least 8", "tiny volume, 5x5x5 voxels", id="tiny"),
@@ -131,6 +207,18 @@ REFUSED = [
                  id="upside-down"),
     pytest.param(falsely_registered, ["--registered"], "template",
                  "--registered given for a scan not in template space", id="falsely-registered"),
+    pytest.param(sheared, [], "not orthonormal", "sheared (non-orthogonal) direction matrix (MHA)", id="sheared"),
+    pytest.param(singular_direction, [], "singular", "singular direction matrix (two equal axes, MHA)",
+                 id="singular-direction"),
+    pytest.param(nan_direction, [], "singular", "NaN direction matrix (MHA)", id="nan-direction"),
+    pytest.param(far_origin, [], "origin", "origin at 1e30 mm (MHA)", id="far-origin"),
+    pytest.param(big_nifti_extension, [], "extensions", "NIfTI with a 128 MiB header extension (sparse file)",
+                 id="nifti-extension"),
+    pytest.param(newline_in_name, [], "truncated", "a truncated NIfTI whose file name holds a newline",
+                 id="newline-name"),
+    pytest.param(dicom_missing_slice, [], "missing", "DICOM series with one slice missing", id="dicom-missing"),
+    pytest.param(dicom_folder_without_series, [], "no dicom series", "folder without DICOM files",
+                 id="dicom-none"),
 ]
 
 

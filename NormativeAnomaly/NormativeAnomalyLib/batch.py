@@ -6,7 +6,9 @@ Worker ``r`` of ``W`` takes cases ``r, r+W, ...`` of the same sorted list, loads
 once, and writes each case with ``outputs.write_outputs`` into ``<out>/<case_id>/``. That
 write is atomic (staging folder, then rename), so ``run.json`` present means a complete set:
 a rerun skips those cases, and a killed run loses at most the cases in flight. A failing case
-is recorded with its one-line error and the worker goes on. Each worker appends one JSON line
+is recorded with its one-line error and the worker goes on, whatever the failure. Worker 0
+holds ``<out>``'s lock (``outputs.output_lock``) for the whole batch, so the workers of one
+batch share the folder and a second batch (or a run) into it is refused. Each worker appends one JSON line
 per case to ``<out>/.batch/rank-<r>.jsonl``; when every worker is done (a gloo barrier),
 worker 0 merges this run's lines into ``<out>/summary.csv``. Without torchrun the same code
 runs as one plain process.
@@ -22,12 +24,13 @@ import shutil
 import tempfile
 import time
 import uuid
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
-from .errors import Cancelled, NormativeAnomalyError, one_line
+from .errors import Cancelled, NormativeAnomalyError, OutputError, one_line
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 SUMMARY_FILE, LOG_FOLDER = "summary.csv", ".batch"
@@ -101,7 +104,7 @@ def read_cases(source: str | os.PathLike, exclude: Iterable[Path] = ()) -> list[
 
 
 def _folder_entries(folder: Path, exclude: set[Path]) -> list[tuple[Path, str | None]]:
-    import SimpleITK as sitk
+    from .volume_io import has_dicom_series
 
     entries = []
     for path in sorted(folder.iterdir()):
@@ -109,7 +112,7 @@ def _folder_entries(folder: Path, exclude: set[Path]) -> list[tuple[Path, str | 
             continue
         if path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES):
             entries.append((path.resolve(), None))
-        elif path.is_dir() and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)):
+        elif path.is_dir() and has_dicom_series(path):
             entries.append((path.resolve(), None))
     return entries
 
@@ -151,6 +154,8 @@ def _with_case_ids(entries: list[tuple[Path, str | None]], source: Path) -> list
     """Given ids as they are (checked), others from the file stem, made unique in list order
     (``t1``, ``t1-2``, ...), so the same list always gives the same ids. Unique regardless of
     case (macOS and Windows folders), and never the summary's name."""
+    from .outputs import MAX_NAME_BYTES
+
     taken = {SUMMARY_FILE}
     for _, given in entries:
         if given is None:
@@ -158,6 +163,9 @@ def _with_case_ids(entries: list[tuple[Path, str | None]], source: Path) -> list
         if not _CASE_ID.fullmatch(given):
             raise NormativeAnomalyError(f"case id {given!r} in {source}: use letters, digits, '.', '_' or '-', "
                                         "starting with a letter or digit")
+        if len(given) > MAX_NAME_BYTES:  # the case's folder name
+            raise NormativeAnomalyError(f"case id {given[:20]!r}... in {source} has {len(given)} characters; "
+                                        f"at most {MAX_NAME_BYTES}")
         if given.lower() in taken:
             raise NormativeAnomalyError(f"case id {given!r} appears twice in {source}, or is reserved")
         taken.add(given.lower())
@@ -232,12 +240,37 @@ def _available_cpus() -> int:
 def _run_id(worker: Worker) -> str:
     """One id shared by every worker of this launch: it tells this run's log lines from those
     of earlier runs (the logs are appended to, across runs and world sizes)."""
-    run_id = [time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]]
-    if worker.distributed:
-        import torch.distributed as dist
+    return _from_worker_0(worker, time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8])
 
-        dist.broadcast_object_list(run_id, src=0)
-    return run_id[0]
+
+def _from_worker_0(worker: Worker, value: Any) -> Any:
+    """Worker 0's ``value``, on every worker."""
+    if not worker.distributed:
+        return value
+    import torch.distributed as dist
+
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+@contextmanager
+def _batch_lock(out: Path, worker: Worker) -> Iterator[None]:
+    """Worker 0 holds ``out``'s lock for the whole batch; every worker learns whether it got it,
+    so the workers of a second batch stop at once too."""
+    from .outputs import output_lock
+
+    with ExitStack() as held:
+        refusal = None
+        if worker.rank == 0:
+            try:
+                held.enter_context(output_lock(out))
+            except NormativeAnomalyError as error:
+                refusal = str(error)
+        refusal = _from_worker_0(worker, refusal)
+        if refusal is not None:
+            raise OutputError(refusal)
+        yield
 
 
 def _wait_for_all(worker: Worker, cancel: Callable[[], bool]) -> None:
@@ -284,31 +317,43 @@ def _figures(run_summary: dict[str, Any]) -> dict[str, Any]:
             "threshold": run_summary.get("threshold")}
 
 
-def _run_case(case: Case, out: Path, package, options, settings: dict[str, Any], cancel: Callable[[], bool],
-              reraise_internal: bool) -> dict[str, Any]:
-    """Run and write one case; any failure but a Cancel becomes the record's one-line error."""
-    from .outputs import write_outputs
+def _case_record(case: Case, out: Path, package, options, settings: dict[str, Any], cancel: Callable[[], bool],
+                 reraise_internal: bool) -> dict[str, Any]:
+    """One case's record: finished before, run now, or failed with a one-line reason; only a
+    Cancel stops the batch (one odd scan or folder must not stop a cohort)."""
+    try:
+        run_json = out / case.case_id / "run.json"
+        if run_json.is_file():
+            return _finished_record(case, run_json, settings)
+        return _run_case(case, out, package, options, settings, cancel)
+    except Cancelled:
+        raise
+    except NormativeAnomalyError as error:
+        return {"status": FAILED, "error": one_line(error)}
+    except Exception as error:
+        if reraise_internal:
+            raise
+        return {"status": FAILED, "error": f"internal error ({type(error).__name__}: {one_line(error)})"}
+
+
+def _run_case(case: Case, out: Path, package, options, settings: dict[str, Any],
+              cancel: Callable[[], bool]) -> dict[str, Any]:
+    """Run and write one case, its folder locked and checked before the work."""
+    from .outputs import check_output_folder, output_lock, staging_folders, write_outputs
     from .pipeline import detect_anomalies
     from .progress import Monitor
     from .volume_io import read_volume
 
     case_out = out / case.case_id
-    for stale in out.glob(f".{case.case_id}.partial-*"):  # from a killed run; only this worker owns the case
-        shutil.rmtree(stale, ignore_errors=True)
-    if case_out.exists() and (not case_out.is_dir() or any(case_out.iterdir())):
-        return {"status": FAILED, "error": f"{case_out} holds other files and no run.json; move them away"}
-    try:
+    with output_lock(case_out):  # a run into this case's folder meanwhile is refused
+        for stale in staging_folders(case_out):  # from a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        if case_out.exists() and (not case_out.is_dir() or any(case_out.iterdir())):
+            return {"status": FAILED, "error": f"{case_out} holds other files and no run.json; move them away"}
+        check_output_folder(case_out, overwrite=False)
         result = detect_anomalies(read_volume(case.input), package, options, Monitor(cancel=cancel))
         summary = write_outputs(result, case_out, settings | {"input": str(case.input)},
-                                extra_summary={"batch_case_id": case.case_id})
-    except Cancelled:
-        raise
-    except NormativeAnomalyError as error:
-        return {"status": FAILED, "error": one_line(error)}
-    except Exception as error:  # one odd scan must not stop a cohort; still one line
-        if reraise_internal:
-            raise
-        return {"status": FAILED, "error": f"internal error ({type(error).__name__}: {one_line(error)})"}
+                                extra_summary={"batch_case_id": case.case_id}, cancel=cancel)
     return {"status": OK} | _figures(summary)
 
 
@@ -316,13 +361,18 @@ def _run_case(case: Case, out: Path, package, options, settings: dict[str, Any],
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:
     """One whole line per write on an O_APPEND file, synced: a killed worker leaves whole lines."""
-    data = (json.dumps(record, default=str) + "\n").encode()
-    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    from .outputs import standard_json
+
+    data = (standard_json(record, indent=None) + "\n").encode()
     try:
-        os.write(descriptor, data)
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(descriptor, data)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except OSError as error:
+        raise OutputError(f"cannot write the batch log {path}: {error.strerror or one_line(error)}") from None
 
 
 def read_log_records(out: Path) -> list[dict[str, Any]]:
@@ -357,16 +407,24 @@ def _record_from_outputs(run_json: Path) -> dict[str, Any]:
 
 
 def write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
-    """summary.csv, replaced whole (temporary file, then os.replace)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """summary.csv, replaced whole (temporary file, then os.replace). A path that is not UTF-8
+    is written escaped (\\udcff), so the file stays UTF-8."""
+    from .outputs import file_mode
+
+    temporary = None
     try:
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as stream:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(handle, "w", newline="", encoding="utf-8", errors="backslashreplace") as stream:
             writer = csv.DictWriter(stream, fieldnames=SUMMARY_COLUMNS)
             writer.writeheader()
             writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+        os.chmod(temporary, file_mode())
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise OutputError(f"cannot write {path}: {error.strerror or one_line(error)}") from None
         raise
 
 
@@ -387,21 +445,34 @@ def run_batch(cases: list[Case], out: str | os.PathLike, package, options, setti
     """This worker's shard of ``cases`` with one loaded ``package``; on worker 0, after every
     worker is done, the merged summary. ``options`` is a ``pipeline.RunOptions`` used for every
     case; ``settings`` go into each run.json (the case's input is added)."""
+    from .outputs import output_folder
+
     worker = worker or Worker()
-    out = Path(out)
+    out = output_folder(out)
+    with _batch_lock(out, worker):
+        return _run_shard(cases, out, package, options, settings, worker, cancel, on_case, reraise_internal)
+
+
+def _run_shard(cases: list[Case], out: Path, package, options, settings: dict[str, Any], worker: Worker,
+               cancel: Callable[[], bool], on_case: Callable[[str], None] | None,
+               reraise_internal: bool) -> BatchResult:
+    from .outputs import unwritable
+
     if out.exists() and not out.is_dir():
-        raise NormativeAnomalyError(f"{out} exists and is not a folder")
-    (out / LOG_FOLDER).mkdir(parents=True, exist_ok=True)
+        raise OutputError(f"{out} exists and is not a folder")
+    try:
+        (out / LOG_FOLDER).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise unwritable(out, error) from None
     log = out / LOG_FOLDER / f"rank-{worker.rank}.jsonl"
     run_id, began = _run_id(worker), time.perf_counter()
     mine = shard(cases, worker)
     for position, case in enumerate(mine, start=1):
         if cancel():
             raise _cancelled(position - 1)
-        run_json, start = out / case.case_id / "run.json", time.perf_counter()
+        start = time.perf_counter()
         try:
-            record = (_finished_record(case, run_json, settings) if run_json.is_file()
-                      else _run_case(case, out, package, options, settings, cancel, reraise_internal))
+            record = _case_record(case, out, package, options, settings, cancel, reraise_internal)
         except (Cancelled, KeyboardInterrupt):
             raise _cancelled(position - 1) from None
         # seconds: what this run spent on the case (reading, the pipeline, writing; ~0 when skipped)

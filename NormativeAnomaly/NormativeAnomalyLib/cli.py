@@ -1,28 +1,79 @@
 """``normative-anomaly``: the command-line front end (run, demo, batch, models, serve).
 
-Errors the user can fix end with one line on stderr and a non-zero exit status; nothing
-the user had is overwritten unless ``--overwrite`` is given.
+Errors the user can fix, usage mistakes included, end with one line on stderr and exit
+status 1; nothing the user had is overwritten unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
-from .errors import Cancelled, NormativeAnomalyError
+from .errors import Cancelled, NormativeAnomalyError, one_line
 
 EXIT_ERROR, EXIT_CANCELLED, EXIT_INTERNAL = 1, 130, 3
 DEMO_INPUT, DEMO_TRUTH = "demo_t1.nii.gz", "demo_lesion_mask.nii.gz"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end as every other error does: one line on stderr, exit 1 (the usage
+    itself is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"normative-anomaly: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def finite_number(text: str) -> float:
+    """A float option's value; NaN and infinities, which no setting means, are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    value = finite_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    value = finite_number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = finite_number(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (a fraction of healthy voxels, e.g. 0.01), "
+                                         f"got {text}")
+    return value
+
+
+def _positive_integer(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="normative-anomaly", description=(
+    parser = _Parser(prog="normative-anomaly", description=(
         "Unsupervised anomaly detection in brain MRI: a normative model trained on healthy brains "
         "reconstructs a pseudo-healthy scan; the residual is the anomaly map. Research use only."))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -32,12 +83,18 @@ def _parser() -> argparse.ArgumentParser:
     def add_run_options(command: argparse.ArgumentParser, one_case: bool = True) -> None:
         command.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty)"
                              if one_case else "output folder: one folder per case and summary.csv; rerun to resume")
-        command.add_argument("--model", help="registered model name or a package folder (default: the default model)")
+        command.add_argument("--model", help="a model's name (bundled or installed), or a package folder's path "
+                             "(./folder, /path/to/folder); default: the default model")
         command.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-        command.add_argument("--threshold", type=float, help="anomaly-map threshold (default: calibrated, see --fpr)")
-        command.add_argument("--fpr", type=float, help="threshold as a healthy voxel false-positive rate, e.g. 0.01")
-        command.add_argument("--min-lesion-mm3", type=float, help="smallest lesion kept (default: the model's)")
-        command.add_argument("--batch-size", type=int,
+        threshold = command.add_mutually_exclusive_group()  # two ways to say one thing
+        threshold.add_argument("--threshold", type=non_negative_number,
+                               help="anomaly-map threshold (default: calibrated, see --fpr); one beyond the model's "
+                                    "calibration is moved to its nearest end, with a note")
+        threshold.add_argument("--fpr", type=_fraction, help="threshold as a healthy voxel false-positive rate, e.g. "
+                               "0.01; one beyond the model's calibration is moved to its nearest end, with a note")
+        command.add_argument("--min-lesion-mm3", type=non_negative_number,
+                             help="smallest lesion kept (default: the model's)")
+        command.add_argument("--batch-size", type=_positive_integer,
                              help="slices per inference batch (default: the model's; on CUDA sized from free memory)")
         command.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                              help="inference precision (auto: bf16 or fp16 on a GPU, fp32 on the CPU)")
@@ -127,7 +184,6 @@ def _run(args: argparse.Namespace, input_path: Path, extra: dict[str, Any]) -> d
     # Heavy imports only once the arguments are known to be good, so --help and errors are quick.
     from .outputs import output_lock
 
-    _check_numbers(args)
     with output_lock(args.out):  # a second run into the same folder is refused, not raced
         return _run_locked(args, input_path, extra)
 
@@ -139,7 +195,7 @@ def _run_locked(args: argparse.Namespace, input_path: Path, extra: dict[str, Any
     from .progress import Monitor
     from .volume_io import read_mask, read_volume
 
-    check_output_folder(args.out, args.overwrite)
+    check_output_folder(args.out, args.overwrite)  # before any work: can it be written, may it be replaced
     package = resolve_model(args.model)
     _check_diffusion_options(args, package)
     image = read_volume(input_path)
@@ -155,7 +211,8 @@ def _run_locked(args: argparse.Namespace, input_path: Path, extra: dict[str, Any
     settings = _run_settings(args, package, options, input_path)
     if "truth" in extra:
         extra = {"demo_dice": _dice(result.segmentation.mask, extra.pop("truth"))} | extra
-    summary = write_outputs(result, args.out, settings, overwrite=args.overwrite, extra_summary=extra)
+    summary = write_outputs(result, args.out, settings, overwrite=args.overwrite, extra_summary=extra,
+                            cancel=_cancel_requested.is_set)
     progress("writing", 1.0)
     return summary
 
@@ -163,14 +220,6 @@ def _run_locked(args: argparse.Namespace, input_path: Path, extra: dict[str, Any
 def _print_notice(message: str) -> None:
     """A fallback the user should know of (e.g. GPU out of memory, going on on the CPU): one line."""
     print(f"normative-anomaly: note: {message}", file=sys.stderr, flush=True)
-
-
-def _check_numbers(args: argparse.Namespace) -> None:
-    """Option values that are wrong whatever the model: refused before anything is loaded."""
-    if args.batch_size is not None and args.batch_size < 1:
-        raise NormativeAnomalyError("--batch-size must be at least 1")
-    if args.min_lesion_mm3 is not None and args.min_lesion_mm3 < 0:
-        raise NormativeAnomalyError("--min-lesion-mm3 must not be negative")
 
 
 def _check_diffusion_options(args: argparse.Namespace, package) -> None:
@@ -209,14 +258,15 @@ def _batch(args: argparse.Namespace) -> int:
     """This worker's share of the cohort; worker 0 (the only one without torchrun) prints the summary."""
     from .batch import FAILED, OK, SKIPPED, read_cases, run_batch, start_worker, stop_worker
     from .models import resolve_model
+    from .outputs import standard_json
 
-    _check_numbers(args)
     cases = read_cases(args.cases, exclude=[args.out])
     worker = start_worker(args.device)
     try:
         package = resolve_model(args.model)  # once per worker, for every case
         _check_diffusion_options(args, package)
-        options = _run_options(args)
+        notice = _print_notice if worker.rank == 0 else None  # once per batch, not once per worker
+        options = _within_calibration(_run_options(args), package, notice)
         quiet = args.quiet or args.json
         result = run_batch(cases, args.out, package, options, _run_settings(args, package, options, None), worker,
                            cancel=_cancel_requested.is_set, on_case=None if quiet else lambda line: print(line, flush=True),
@@ -227,7 +277,7 @@ def _batch(args: argparse.Namespace) -> int:
         return 0
     failed = result.count(FAILED)
     if args.json:
-        print(json.dumps({"summary": str(result.summary), "cases": result.rows}, indent=2, default=str))
+        print(standard_json({"summary": str(result.summary), "cases": result.rows}))
     else:
         print(f"{len(result.rows)} case(s) on {worker.world_size} worker(s) in {result.seconds:.1f} s: "
               f"{result.count(OK)} ok, {result.count(SKIPPED)} already finished, {failed} failed")
@@ -235,6 +285,19 @@ def _batch(args: argparse.Namespace) -> int:
     # 0 once every case was tried, failed ones included (they are in the summary): a non-zero
     # exit would make torchrun treat the launch as failed, and restart it with --max-restarts.
     return 0
+
+
+def _within_calibration(options, package, notice: Callable[[str], None] | None):
+    """The options with a threshold or rate the model's calibration covers, decided (and a
+    note given) once for the whole batch rather than once per case."""
+    from dataclasses import replace
+
+    from .pipeline import resolve_threshold
+
+    threshold, fpr = resolve_threshold(package, options, notice or (lambda message: None))
+    if options.threshold is not None:
+        return replace(options, threshold=threshold)
+    return replace(options, fpr=fpr) if options.fpr is not None else options
 
 
 def _dice(predicted, truth_path: Path) -> float | None:
@@ -249,17 +312,18 @@ def _dice(predicted, truth_path: Path) -> float | None:
 def _models(args: argparse.Namespace) -> int:
     """The bundled packages, then those installed with ``models install`` (a broken one is listed
     with its error instead of stopping the listing)."""
-    from .models import available_models, installed_model_names, load_package
+    from .models import available_models, installed_model_names, resolve_model
+    from .outputs import standard_json
     from .resources import user_models_dir
 
-    entries = [(entry["path"], entry["default"], False) for entry in available_models()]
-    entries += [(user_models_dir() / name, False, True) for name in installed_model_names()]
+    entries = [(entry["name"], entry["path"], entry["default"], False) for entry in available_models()]
+    entries += [(name, user_models_dir() / name, False, True) for name in installed_model_names()]
     rows = []
-    for path, default, installed in entries:
-        try:
-            card = load_package(path).card
+    for name, path, default, installed in entries:
+        try:  # by name, as --model NAME finds it: a folder holding another package is listed as unusable
+            card = resolve_model(name).card
         except NormativeAnomalyError as error:
-            rows.append({"name": path.name, "default": default, "installed": installed, "error": str(error),
+            rows.append({"name": name, "default": default, "installed": installed, "error": str(error),
                          "path": str(path)})
             continue
         rows.append({"name": card["name"], "default": default, "installed": installed, "family": card["family"],
@@ -268,7 +332,7 @@ def _models(args: argparse.Namespace) -> int:
                      "training_data": card["training"].get("data", ""), "license": card["license"],
                      "path": str(path)})
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(standard_json(rows))
     else:
         for row in rows:
             mark = " (default)" if row["default"] else " (installed)" if row["installed"] else ""
@@ -300,7 +364,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _print_summary(summary: dict[str, Any], out: Path, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(summary, indent=2, default=str))
+        from .outputs import standard_json
+
+        print(standard_json(summary))
         return
     print(f"model {summary['model']['name']} on {summary['device']}: {summary['lesion_count']} lesion(s), "
           f"{summary['lesion_volume_ml']:.2f} mL at threshold {summary['threshold']:.4g} "
@@ -324,6 +390,7 @@ def _request_cancel(signum, frame) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _printable_stdout()
     args = _parser().parse_args(argv)
     if args.command == "serve":  # a server: Ctrl-C stops it (no run to cancel in this process)
         return _main(args)
@@ -336,6 +403,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for number, handler in zip(signals, previous):
             signal.signal(number, handler)
+
+
+def _printable_stdout() -> None:
+    """A path whose name is not UTF-8 (or not in the terminal's encoding) is printed escaped,
+    as stderr does, rather than failing after the work is done."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
 
 
 def _main(args: argparse.Namespace) -> int:

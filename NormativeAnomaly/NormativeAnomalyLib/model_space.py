@@ -63,20 +63,21 @@ def prepare_model_input(image: sitk.Image, template: Template, registration: Reg
                         brain_mask_on_input: sitk.Image | None = None, bias_correction: bool = False) -> ModelSpaceInput:
     """Bring ``image`` into model space; the brain mask is the template's unless one is given."""
     resampled = to_model_space(image, template, registration)
-    if brain_mask_on_input is not None:
-        mask = to_model_space(brain_mask_on_input, template, registration, sitk.sitkNearestNeighbor)
-    else:
-        mask = template.brain_mask
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(image)
     inside_field = to_model_space(ones, template, registration, sitk.sitkNearestNeighbor)  # the input's field of view
-    mask = sitk.And(sitk.Cast(mask > 0, sitk.sitkUInt8), inside_field)
-    brain = sitk.GetArrayFromImage(mask).astype(bool)
-    if brain.sum() < 0.05 * template.brain_mask_voxels:
+    mask = _inside(template.brain_mask, inside_field)
+    template_brain = sitk.GetArrayFromImage(mask).astype(bool)
+    if template_brain.sum() < 0.05 * template.brain_mask_voxels:
         raise InputVolumeError(
             "less than 5% of the template's brain falls inside the input after registration; "
             "is this a brain MRI, or is the field of view cut?"
         )
+    if brain_mask_on_input is not None:
+        mask = _inside(to_model_space(brain_mask_on_input, template, registration, sitk.sitkNearestNeighbor),
+                       inside_field)
+        check_mask_fits(sitk.GetArrayFromImage(mask).astype(bool), template_brain)
+    brain = sitk.GetArrayFromImage(mask).astype(bool)
     if bias_correction:
         resampled = bias_correct(resampled, mask)
     values = sitk.GetArrayFromImage(resampled)
@@ -85,8 +86,30 @@ def prepare_model_input(image: sitk.Image, template: Template, registration: Reg
         raise InputVolumeError("the brain region of the input has no contrast after registration")
     scale = Normalisation(float(lower), float(upper), tuple(normalisation["clip"]))
     normalised = np.where(brain, scale.forward(values), 0.0).astype(np.float32)
-    alignment = alignment_quality(sitk.GetArrayViewFromImage(template.image), values, brain)
+    # Judged on the template's brain whatever mask is given: a bad mask must not pass for a failed registration.
+    alignment = alignment_quality(sitk.GetArrayViewFromImage(template.image), values, template_brain)
     return ModelSpaceInput(normalised, brain, scale, alignment)
+
+
+def _inside(mask: sitk.Image, inside_field: sitk.Image) -> sitk.Image:
+    return sitk.And(sitk.Cast(mask > 0, sitk.sitkUInt8), inside_field)
+
+
+# A brain mask of the scan overlaps the template's brain, once registered, by far more than this
+# (brain extraction tools and the template agree to a Dice of about 0.9).
+MIN_MASK_FIT = 0.5
+
+
+def check_mask_fits(mask: np.ndarray, template_brain: np.ndarray) -> None:
+    """Refuse a given brain mask that covers little of the registered brain or lies mostly outside
+    it (another scan's mask, a lesion mask, a shifted grid), naming the mask, not the input."""
+    overlap = int(np.logical_and(mask, template_brain).sum())
+    covered, inside = overlap / max(int(template_brain.sum()), 1), overlap / max(int(mask.sum()), 1)
+    if covered < MIN_MASK_FIT or inside < MIN_MASK_FIT:
+        raise InputVolumeError(
+            f"the brain mask given (--mask) covers {covered:.0%} of the brain after registration and "
+            f"{1 - inside:.0%} of it lies outside the brain: it is not this scan's brain mask; give the mask made "
+            "from this scan (on its grid), or none to use the model's")
 
 
 def alignment_quality(template_values: np.ndarray, input_values: np.ndarray, brain: np.ndarray) -> float:

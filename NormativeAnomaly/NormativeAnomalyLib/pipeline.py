@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -77,15 +77,33 @@ class AnomalyResult:
         return self.segmentation
 
 
-def resolve_threshold(package: ModelPackage, options: RunOptions) -> tuple[float, float]:
-    """(threshold, its healthy false-positive rate) from the options and the card."""
+def resolve_threshold(package: ModelPackage, options: RunOptions,
+                      notice: Callable[[str], None] = lambda message: None) -> tuple[float, float]:
+    """(threshold, its healthy false-positive rate) from the options and the card.
+
+    The calibration knows the rate only between its ends: a threshold or rate beyond is moved
+    to the nearest end, with a ``notice``, so that the rate reported is the one used."""
     calibration = package.calibration
     if options.threshold is not None:
-        return float(options.threshold), calibration.fpr_for_threshold(options.threshold)
-    fpr = options.fpr if options.fpr is not None else package.card["scoring"]["default_fpr"]
-    if not 0 < fpr < 1:
-        raise NormativeAnomalyError(f"false-positive rate must be between 0 and 1, got {fpr}")
-    return calibration.threshold_for_fpr(fpr), float(fpr)
+        if not options.threshold >= 0:  # NaN too
+            raise NormativeAnomalyError(f"the threshold must not be negative, got {options.threshold} (the anomaly "
+                                        "map is never below 0: every voxel of the image would be flagged)")
+        lowest, highest = calibration.threshold[-1], calibration.threshold[0]
+        threshold = min(max(float(options.threshold), lowest), highest)
+        fpr = calibration.fpr_for_threshold(threshold)
+        if threshold != options.threshold:
+            notice(f"threshold {options.threshold:g} is outside the model's calibrated range {lowest:.4g} to "
+                   f"{highest:.4g}: using {threshold:.4g} (healthy false-positive rate {fpr:.3g})")
+        return threshold, fpr
+    asked = options.fpr if options.fpr is not None else package.card["scoring"]["default_fpr"]
+    if not 0 < asked < 1:
+        raise NormativeAnomalyError(f"false-positive rate must be between 0 and 1, got {asked}")
+    fpr = min(max(float(asked), calibration.fpr[0]), calibration.fpr[-1])
+    threshold = calibration.threshold_for_fpr(fpr)
+    if fpr != asked:
+        notice(f"healthy false-positive rate {asked:g} is outside the model's calibrated range "
+               f"{calibration.fpr[0]:g} to {calibration.fpr[-1]:g}: using {fpr:g} (threshold {threshold:.4g})")
+    return threshold, fpr
 
 
 @contextmanager
@@ -108,7 +126,7 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
     resolve_precision(options.precision, device)  # a bad precision fails now, not after registration
     if package.family == "ddpm":
         diffusion_settings(package, options.diffusion)  # a bad override fails now, not after registration
-    threshold, threshold_fpr = resolve_threshold(package, options)
+    threshold, threshold_fpr = resolve_threshold(package, options, monitor.notice)
     min_lesion_mm3 = card["scoring"]["min_lesion_mm3"] if options.min_lesion_mm3 is None else options.min_lesion_mm3
 
     monitor.check()

@@ -2,7 +2,9 @@
 
 A browser can only name volumes that this module listed (files inside the allowed folders,
 or uploads it saved); every path is resolved (symbolic links included) and checked again
-before it is read, so no path outside those folders can be reached through the UI.
+before it is read, so no path outside those folders can be reached through the UI. The data
+files a header names (NRRD ``data file``, MetaImage ``ElementDataFile``) must lie in the same
+shared folder as the header, or for an upload in its own upload folder.
 Uploads are bounded in size and written only into the app's own work folder.
 """
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from NormativeAnomalyLib.errors import InputVolumeError as InputError
+from NormativeAnomalyLib.volume_io import check_data_files, shown
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 DEFAULT_MAX_UPLOAD_MB = 512
@@ -54,7 +57,8 @@ class FileAccess:
             prefix = "uploads" if root == self.uploads else root.name
             for path in _volume_files(root):
                 resolved = path.resolve()
-                if self._shared(resolved):  # not a link leading out of the shared folders
+                # Not a link leading out of the shared folders, and a name the page can show.
+                if self._shared(resolved) and _utf8(str(resolved)):
                     choices.append(VolumeChoice(f"{prefix}/{path.relative_to(root).as_posix()}", resolved))
         return sorted(choices, key=lambda choice: choice.label)
 
@@ -63,15 +67,29 @@ class FileAccess:
         try:
             resolved = Path(path).resolve(strict=True)
         except (OSError, RuntimeError):
-            raise InputError(f"{Path(path).name or path}: no such file") from None
+            raise InputError(f"{shown(Path(path).name or path)}: no such file") from None
         if not self._shared(resolved):
-            raise InputError(f"{Path(path).name}: not in a folder this server shares")
+            raise InputError(f"{shown(Path(path).name)}: not in a folder this server shares")
         if not (resolved.is_file() and resolved.name.lower().endswith(VOLUME_SUFFIXES)):
-            raise InputError(f"{resolved.name}: not a volume file ({', '.join(VOLUME_SUFFIXES)})")
+            raise InputError(f"{shown(resolved.name)}: not a volume file ({', '.join(VOLUME_SUFFIXES)})")
+        if not _utf8(str(resolved)):  # the scene (VTK) takes UTF-8 names only
+            raise InputError(f"{shown(resolved.name)}: its path is not UTF-8 text; rename it to open it here")
+        check_data_files(resolved, self.data_root(resolved), label=shown(resolved.name),
+                         where=self._where(resolved))
         return resolved
 
     def _shared(self, resolved: Path) -> bool:
         return any(resolved.is_relative_to(root) for root in self.allowed + [self.uploads])
+
+    def data_root(self, resolved: Path) -> Path:
+        """The folder a shared file's header may take data files from: the widest shared folder
+        holding it; for an upload its own upload folder (one upload never reads another)."""
+        if resolved.is_relative_to(self.uploads):
+            return self.uploads / resolved.relative_to(self.uploads).parts[0]
+        return min((root for root in self.allowed if resolved.is_relative_to(root)), key=lambda root: len(root.parts))
+
+    def _where(self, resolved: Path) -> str:
+        return "its upload" if resolved.is_relative_to(self.uploads) else "the folder this server shares"
 
     def save_upload(self, name: str, content: bytes) -> Path:
         """Write an upload into the work folder under a safe, new name; refuse it if too large."""
@@ -85,6 +103,11 @@ class FileAccess:
         target = folder / name
         with open(target, "xb") as stream:  # a new file in a new folder: nothing is overwritten
             stream.write(content)
+        try:  # a header naming a data file elsewhere on the server is not kept
+            check_data_files(target, folder, label=name, where="its upload")
+        except InputError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return target
 
     def download_dir(self) -> Path:
@@ -99,6 +122,14 @@ def safe_name(name: str) -> str:
     base = re.split(r"[\\/]", str(name))[-1]
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".")
     return base[:120] or "upload"
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes of another encoding, kept by Python as surrogates
+        return False
+    return True
 
 
 def _volume_files(root: Path) -> list[Path]:

@@ -13,10 +13,24 @@ import sys
 from pathlib import Path
 
 DEFAULT_PORT = 8080
+MAX_PORT = 65535
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"{text} is not a port number (0 to {MAX_PORT})")
+    return port
 
 
 def add_arguments(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free)")
+    from NormativeAnomalyLib.cli import positive_number
+
+    command.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                         help=f"port (default {DEFAULT_PORT}; 0: any free)")
     command.add_argument("--host", default="127.0.0.1",
                          help="address to listen on (default 127.0.0.1: this machine only; see README before "
                               "opening it to a network)")
@@ -24,7 +38,8 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--data-dir", type=Path, action="append", default=[],
                          help="a folder whose volumes the page may open (repeatable); the bundled sample data "
                               "is always shared")
-    command.add_argument("--max-upload-mb", type=float, default=512, help="largest upload accepted (default 512)")
+    command.add_argument("--max-upload-mb", type=positive_number, default=512,
+                         help="largest upload accepted (default 512)")
     command.add_argument("--work-dir", type=Path,
                          help="folder for uploads, runs and downloads (default: a new temporary folder, removed "
                               "at exit)")
@@ -47,14 +62,12 @@ def exposure_warning(host: str) -> str | None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from NormativeAnomalyLib.errors import InputVolumeError
+    from NormativeAnomalyLib.errors import InputVolumeError, NormativeAnomalyError
     from NormativeAnomalyLib.resources import sample_data_dir
 
     from .files import FileAccess
     from .views import choose_render_window
 
-    if args.max_upload_mb <= 0:
-        raise InputVolumeError("--max-upload-mb must be positive")
     choose_render_window(args.render)  # before VTK renders anything
     allowed = [sample_data_dir(), *args.data_dir]
     initial = args.input
@@ -68,7 +81,10 @@ def serve(args: argparse.Namespace) -> int:
 
         initial = sample_data_dir() / DEMO_INPUT
     if args.work_dir is not None:
-        args.work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            args.work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise NormativeAnomalyError(f"--work-dir {args.work_dir} cannot be created: {error.strerror}") from None
     files = FileAccess(allowed, args.work_dir, int(args.max_upload_mb * 2**20))
     from .app import NormativeAnomalyApp
 

@@ -80,7 +80,7 @@ class AnalysisSession:
             raise SessionError("wait for the run to finish (or cancel it) before loading another volume")
         resolved = self.files.resolve(path)
         try:  # one-line errors for bad volumes, before MRML sees them
-            read_volume(resolved, name="volume")
+            read_volume(resolved, name="volume", data_root=self.files.data_root(resolved))
         except InputVolumeError as error:  # named by its file name: server paths stay on the server
             raise InputVolumeError(str(error).replace(str(resolved), resolved.name)) from None
         self.clear()
