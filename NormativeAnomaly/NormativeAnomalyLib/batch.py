@@ -104,7 +104,7 @@ def read_cases(source: str | os.PathLike, exclude: Iterable[Path] = ()) -> list[
 
 
 def _folder_entries(folder: Path, exclude: set[Path]) -> list[tuple[Path, str | None]]:
-    from .volume_io import has_dicom_series
+    from .dicom_series import has_dicom_series
 
     entries = []
     for path in sorted(folder.iterdir()):

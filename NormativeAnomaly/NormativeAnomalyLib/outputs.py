@@ -30,6 +30,7 @@ from .errors import OutputError, one_line
 from .pipeline import MIN_ALIGNMENT, AnomalyResult
 from .progress import Monitor
 from .report import write_report
+from .sitk_guard import is_utf8
 from .volume_io import ijk_to_lps, shown, write_image
 
 OUTPUT_FILES = ("pseudo_healthy.nii.gz", "anomaly_map.nii.gz", "anomalies.seg.nrrd", "lesions.csv", "lesions.json",
@@ -368,27 +369,19 @@ def _write_set(result: AnomalyResult, summary: dict[str, Any], staging: Path, mo
 def _itk_names(folder: Path) -> Iterator[Path]:
     """``folder``, or where its name is not UTF-8 (which ITK cannot take: it aborts the whole
     process) a link to it with a plain name in a temporary folder."""
-    if _is_utf8(os.fspath(folder)):
+    if is_utf8(os.fspath(folder)):
         yield folder
         return
     with tempfile.TemporaryDirectory(prefix="normative-anomaly-") as temporary:
         link = Path(temporary) / "outputs"
         try:
-            if not _is_utf8(os.fspath(link)):
+            if not is_utf8(os.fspath(link)):
                 raise OSError(f"the temporary folder {shown(temporary)} is not named in UTF-8 either")
             os.symlink(folder, link, target_is_directory=True)
         except OSError as error:
             raise OutputError(f"cannot write images under {shown(folder)}, whose name is not UTF-8: "
                               f"{error.strerror or one_line(error)}; choose another --out") from None
         yield link
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:
