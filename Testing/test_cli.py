@@ -214,6 +214,13 @@ def test_models_json():
     row = next(row for row in rows if row["name"] == "intensity-t1")
     assert row["family"] == "intensity" and row["modality"] == "T1"
     assert Path(row["path"]).is_dir()
+    # One model per contrast is the one a front end preselects for a scan of that contrast.
+    per_modality = {}
+    for row in rows:
+        if row.get("default_for_modality"):
+            assert row["modality"] not in per_modality, row
+            per_modality[row["modality"]] = row["name"]
+    assert per_modality == {"T1": "dae-t1", "T2": "dae-t2"}
 
 
 def test_models_lists_installed_packages_and_a_broken_one_with_its_error(tmp_path):

@@ -61,3 +61,27 @@ def test_only_what_looks_like_a_path_names_a_package_folder(text, path):
                                          ("nul", False), ("lpt1.x", False), ("null", True), (None, False)])
 def test_model_names(text, valid):
     assert is_model_name(text) == valid
+
+
+@pytest.mark.parametrize("name, modality", [
+    ("Brats18_2013_11_1_t2", "T2"), ("sub-01_T1w", "T1"), ("demo_t1", "T1"), ("AX T2 FLAIR", "FLAIR"),
+    ("3D_MPRAGE", "T1"), ("t1ce", "T1"), ("Brats18_TCIA10_639_1_flair", "FLAIR"), ("T2-weighted TSE", "T2"),
+    ("head", None), ("patient t12", None), ("sub-t1x", None)])
+def test_the_contrast_a_volume_name_states(name, modality):
+    from NormativeAnomalyLib.models import modality_from_name
+
+    assert modality_from_name(name) == modality
+
+
+def test_the_model_preselected_for_a_volume_is_its_contrasts_default():
+    from NormativeAnomalyLib.models import model_summaries, preselected_model
+
+    summaries = model_summaries()
+    defaults = [s for s in summaries if s.get("default_for_modality")]
+    assert sorted(s["modality"] for s in defaults) == sorted({s["modality"] for s in defaults})  # one per contrast
+    assert preselected_model("case_t2", summaries)[0] == next(s["name"] for s in defaults if s["modality"] == "T2")
+    model, why = preselected_model("case_flair", summaries)
+    flair = [s for s in summaries if s.get("modality") == "FLAIR"]
+    assert (model in [s["name"] for s in flair]) if flair else ("no FLAIR model" in why and model == "dae-t1")
+    assert preselected_model("scan", summaries) == ("dae-t1", "its name states no contrast (T1, T2, FLAIR): the "
+                                                                "default model, dae-t1")

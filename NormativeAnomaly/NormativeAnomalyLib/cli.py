@@ -316,17 +316,19 @@ def _models(args: argparse.Namespace) -> int:
     from .outputs import standard_json
     from .resources import user_models_dir
 
-    entries = [(entry["name"], entry["path"], entry["default"], False) for entry in available_models()]
-    entries += [(name, user_models_dir() / name, False, True) for name in installed_model_names()]
+    entries = [(entry["name"], entry["path"], entry["default"], entry["default_for_modality"], False)
+               for entry in available_models()]
+    entries += [(name, user_models_dir() / name, False, False, True) for name in installed_model_names()]
     rows = []
-    for name, path, default, installed in entries:
+    for name, path, default, modality_default, installed in entries:
         try:  # by name, as --model NAME finds it: a folder holding another package is listed as unusable
             card = resolve_model(name).card
         except NormativeAnomalyError as error:
             rows.append({"name": name, "default": default, "installed": installed, "error": str(error),
                          "path": str(path)})
             continue
-        rows.append({"name": card["name"], "default": default, "installed": installed, "family": card["family"],
+        rows.append({"name": card["name"], "default": default, "default_for_modality": modality_default,
+                     "installed": installed, "family": card["family"],
                      "modality": card["modality"], "dims": card["dims"], "version": card["version"],
                      "template": card["template"]["name"], "description": card["description"],
                      "training_data": card["training"].get("data", ""), "license": card["license"],

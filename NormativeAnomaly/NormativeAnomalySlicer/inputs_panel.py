@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import slicer
 
-from NormativeAnomalyLib.models.registry import card_diffusion_settings
+from NormativeAnomalyLib.models.registry import card_diffusion_settings, preselected_model
 from NormativeAnomalyLib.mrml.run_controller import DIFFUSION_NOISE_KINDS
 
 from .model_cards import cardHtml
@@ -31,12 +31,28 @@ class InputsPanel:
         self._showStatus = showStatus
         ui.modelSelector.connect("currentIndexChanged(int)", self.onModelSelected)
         self._populateModelSelector()
+        parameters = parameterNode()
+        self._input = parameters.inputVolume if parameters else None  # a saved choice of model is kept for it
 
     def onParameterNodeModified(self) -> None:
-        """Show the parameter node's model when it is not the one shown."""
+        """Show the parameter node's model when it is not the one shown; preselect the model of a
+        newly chosen input volume's contrast."""
         parameters = self._parameterNode()
-        if parameters and self.ui.modelSelector.currentData != parameters.modelName:
+        if not parameters:
+            return
+        if parameters.inputVolume is not self._input:
+            self._input = parameters.inputVolume
+            if self._input is not None:
+                self._preselectModel(self._input.GetName())
+        if self.ui.modelSelector.currentData != parameters.modelName:
             self._syncModelSelector()
+
+    def _preselectModel(self, volumeName: str) -> None:
+        model, why = preselected_model(volumeName, self.logic.availableModels())
+        if model is not None and model != self._parameterNode().modelName:
+            self._setModel(model)
+            self._showStatus(_("Model {model} chosen for {volume}: {why}").format(model=model, volume=volumeName,
+                                                                                 why=why))
 
     def _populateModelSelector(self) -> None:
         """The registered models, the default one first (it is selected when the parameter node has none)."""

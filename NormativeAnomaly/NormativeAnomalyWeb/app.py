@@ -15,6 +15,7 @@ from trame.app import TrameApp
 from trame.decorators import change, trigger
 
 from NormativeAnomalyLib.errors import NormativeAnomalyError, one_line
+from NormativeAnomalyLib.models.registry import preselected_model
 from NormativeAnomalyLib.mrml.lesion_table import summarize
 from NormativeAnomalyLib.mrml.run_controller import RunFailedError, stage_text
 
@@ -77,8 +78,11 @@ class NormativeAnomalyApp(TrameApp):
             self._surface_timer.cancel()
         self.views.show_input(volume)
         label = next((label for label, p in self._volumes.items() if p == Path(path).resolve()), Path(path).name)
+        model, why = preselected_model(volume.GetName(), list(self._models.values()))
+        if model is not None:
+            self.state.model = model
         self.state.update({"volume": label, "input_name": volume.GetName(), "error": "",
-                           "status": f"Loaded {volume.GetName()}"})
+                           "status": f"Loaded {volume.GetName()}; model {model}: {why}"})
         self._push_results()
 
     @change("upload")

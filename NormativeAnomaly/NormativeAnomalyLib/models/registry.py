@@ -32,13 +32,53 @@ def _registry(root: Path | None = None) -> dict[str, Any]:
 
 
 def available_models(root: Path | None = None) -> list[dict[str, Any]]:
-    """Registered packages as ``{"name", "path", "default"}`` entries (cards not loaded)."""
+    """Registered packages as ``{"name", "path", "default", "default_for_modality"}`` entries (cards
+    not loaded): ``default`` is the model used when none is named, ``default_for_modality`` the one
+    preselected for a scan of its contrast (the registry's ``defaults_by_modality``, set from the
+    real-lesion evaluation)."""
     root = root or models_dir()
     registry = _registry(root)
+    per_modality = set(registry.get("defaults_by_modality", {}).values())
     return [
-        {"name": entry["name"], "path": root / entry["folder"], "default": entry["name"] == registry["default"]}
+        {"name": entry["name"], "path": root / entry["folder"], "default": entry["name"] == registry["default"],
+         "default_for_modality": entry["name"] in per_modality}
         for entry in registry["packages"]
     ]
+
+
+# Contrasts as scan names and DICOM series descriptions spell them; the first match wins, so the
+# more specific spellings come first (a "T2-FLAIR" is a FLAIR).
+MODALITY_WORDS = (
+    ("FLAIR", ("flair", "tirm", "dark[ _-]?fluid")),
+    ("T2", ("t2w?", "t2[ _-]?weighted", "tse", "frfse")),
+    ("T1", ("t1w?", "t1[ _-]?weighted", "mprage", "mp[ _-]?rage", "spgr", "bravo", "tfl3d", "t1ce", "t1c")),
+)
+
+
+def modality_from_name(name: str) -> str | None:
+    """The contrast a volume's name or series description states (T1, T2 or FLAIR), if any."""
+    import re
+
+    lowered = name.lower()
+    for modality, words in MODALITY_WORDS:
+        if any(re.search(rf"(?<![a-z0-9]){word}(?![a-z0-9])", lowered) for word in words):
+            return modality
+    return None
+
+
+def preselected_model(volume_name: str, summaries: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """(the model to preselect for a volume, why): the default model of the contrast its name
+    states, else the default model. ``summaries`` as ``model_summaries`` gives them."""
+    usable = [s for s in summaries if "error" not in s]
+    default = next((s["name"] for s in usable if s.get("default")), usable[0]["name"] if usable else None)
+    modality = modality_from_name(volume_name)
+    if modality is None:
+        return default, f"its name states no contrast (T1, T2, FLAIR): the default model, {default}"
+    match = next((s["name"] for s in usable if s.get("modality") == modality and s.get("default_for_modality")),
+                 None) or next((s["name"] for s in usable if s.get("modality") == modality), None)
+    if match is None:
+        return default, f"its name says {modality}, and no {modality} model is installed: the default model, {default}"
+    return match, f"its name says {modality}: {match}, the {modality} model the evaluation recommends"
 
 
 def bundled_model_names(root: Path | None = None) -> set[str]:
