@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Real lesions: every model of each contrast on the BraTS development cases, beside intensity alone.
+
+    python scripts/evaluate_brats.py [--data ../shared/data/brats-dev] [--out docs/evaluation]
+                                     [--contrasts t1 t2 flair] [--models NAME ...] [--cases N]
+
+For each contrast (the models whose card names that modality, or ``--models``) every case goes
+through the full pipeline exactly as ``normative-anomaly run`` (registration, the model, scoring,
+mapping back onto the input's grid); a case under the alignment cut-off is still scored and
+counted as a refusal. Per model, as the mean over cases (as the data set's anchors are):
+
+- AUPRC and best Dice (the threshold chosen with the expert label: optimistic) of the anomaly
+  map; Dice at the model's calibrated threshold (what a user gets by default);
+- mL flagged outside the tumour at the calibrated threshold;
+- refusals (alignment under the cut-off) and seconds per volume (registration included).
+
+The target is the whole tumour (label > 0), scored within the brain (voxels > 0: the cases are
+skull-stripped, and those out-of-brain zeros would inflate every score). "Intensity alone" is the
+contrast normalised between its 1st and 99th brain percentiles, bright for FLAIR and T2, dark for
+T1: the row to beat. Writes brats.md, brats.json and brats.png into ``--out``.
+
+Data: BraTS 2018 (Menze et al. 2015, Bakas et al. 2017 and 2018); see the data folder's README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from NormativeAnomalyLib.evaluation import auprc, best_dice, dice
+from NormativeAnomalyLib.models import available_models, resolve_model
+from NormativeAnomalyLib.pipeline import MIN_ALIGNMENT, RunOptions, detect_anomalies
+from NormativeAnomalyLib.volume_io import read_volume
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "brats-dev"
+CONTRASTS = {"t1": "T1", "t2": "T2", "flair": "FLAIR"}  # file suffix -> card modality
+BRIGHT = {"t1": False, "t2": True, "flair": True}  # which way lesions go, for intensity alone
+CITATION = ("BraTS 2018: Menze et al., IEEE TMI 2015 (doi:10.1109/TMI.2014.2377694); Bakas et al., "
+            "Scientific Data 2017 (doi:10.1038/sdata.2017.117); Bakas et al., arXiv:1811.02629 (2018). "
+            "TCIA cases from TCGA-GBM / TCGA-LGG (The Cancer Imaging Archive).")
+# Published figures on BraTS: other splits and training sets, so a guide only.
+PUBLISHED = [
+    ("FLAIR", "thresholding the intensity (Meissen et al. 2021, arXiv:2109.00482)", "", "0.74", ""),
+    ("T2", "conditioned diffusion (Behrendt et al., trained on healthy IXI scans)", "0.59", "", "0.53"),
+    ("T2", "patched diffusion, pDDPM (Behrendt et al., trained on healthy IXI scans)", "0.55", "", "0.50"),
+]
+
+
+@dataclass
+class CaseScore:
+    case: str
+    auprc: float
+    best_dice: float
+    dice_calibrated: float = float("nan")
+    outside_ml: float = float("nan")
+    alignment: float = float("nan")
+    refused: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class ModelScore:
+    model: str
+    contrast: str
+    cases: list[CaseScore] = field(default_factory=list)
+
+    def mean(self, name: str) -> float:
+        values = [getattr(case, name) for case in self.cases]
+        values = [v for v in values if np.isfinite(v)]
+        return float(np.mean(values)) if values else float("nan")
+
+
+def find_cases(folder: Path, limit: int | None = None) -> list[str]:
+    cases = sorted(re.sub(r"_seg\.nii\.gz$", "", p.name) for p in folder.glob("*_seg.nii.gz"))
+    return cases[:limit] if limit else cases
+
+
+def load_case(folder: Path, case: str, contrast: str) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
+    """(image, whole tumour, brain) with the arrays in (z, y, x)."""
+    image = read_volume(folder / f"{case}_{contrast}.nii.gz")
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{case}_seg.nii.gz"))) > 0
+    brain = (sitk.GetArrayViewFromImage(image) > 0) | truth
+    return image, truth, brain
+
+
+def intensity_alone(image: sitk.Image, brain: np.ndarray, bright: bool) -> np.ndarray:
+    values = sitk.GetArrayFromImage(image).astype(np.float32)
+    low, high = np.percentile(values[brain], [1, 99])
+    scaled = (values - low) / max(high - low, 1e-6)
+    return scaled if bright else -scaled
+
+
+def score_case(case: str, scores: np.ndarray, truth: np.ndarray, brain: np.ndarray) -> CaseScore:
+    return CaseScore(case, auprc(scores[brain], truth[brain]), best_dice(scores[brain], truth[brain])[0])
+
+
+def evaluate_model(model: str, contrast: str, folder: Path, cases: list[str], keep: dict) -> ModelScore:
+    package = resolve_model(model)
+    result = ModelScore(package.name, contrast)
+    for case in cases:
+        image, truth, brain = load_case(folder, case, contrast)
+        start = time.perf_counter()
+        run = detect_anomalies(image, package, RunOptions(device="cpu", accept_poor_alignment=True))
+        seconds = time.perf_counter() - start
+        scores = sitk.GetArrayFromImage(run.anomaly_map)
+        predicted = run.segmentation.mask
+        score = score_case(case, scores, truth, brain)
+        score.dice_calibrated = dice(predicted, truth)
+        score.outside_ml = float((predicted & ~truth).sum() * np.prod(image.GetSpacing()) / 1000)
+        score.alignment, score.refused, score.seconds = run.alignment, not run.alignment >= MIN_ALIGNMENT, seconds
+        result.cases.append(score)
+        if case == keep.get(contrast):
+            keep[(contrast, package.name)] = (run.pseudo_healthy, run.anomaly_map, predicted,
+                                              run.segmentation.threshold)
+        print(f"  {package.name} {case}: AUPRC {score.auprc:.3f}, best Dice {score.best_dice:.3f}, Dice "
+              f"{score.dice_calibrated:.3f}, {score.outside_ml:.1f} mL outside, alignment {score.alignment:.2f}, "
+              f"{seconds:.1f} s", flush=True)
+    return result
+
+
+def evaluate_intensity(contrast: str, folder: Path, cases: list[str]) -> ModelScore:
+    result = ModelScore("intensity alone", contrast)
+    for case in cases:
+        image, truth, brain = load_case(folder, case, contrast)
+        result.cases.append(score_case(case, intensity_alone(image, brain, BRIGHT[contrast]), truth, brain))
+    return result
+
+
+def models_for(contrast: str, requested: list[str] | None) -> list[str]:
+    if requested:
+        return [name for name in requested if resolve_model(name).card["modality"] == CONTRASTS[contrast]]
+    return [entry["name"] for entry in available_models()
+            if resolve_model(entry["name"]).card["modality"] == CONTRASTS[contrast]]
+
+
+def markdown(results: list[ModelScore], cases: list[str]) -> str:
+    def cell(value: float, digits: int = 3) -> str:
+        return "–" if not np.isfinite(value) else f"{value:.{digits}f}"
+
+    lines = ["# Real lesions: BraTS development cases", "",
+             f"Generated by `scripts/evaluate_brats.py` on the {len(cases)} development cases of "
+             "`../shared/data/brats-dev` (real pre-operative gliomas, skull-stripped, 1 mm). Whole tumour "
+             "(label > 0) within the brain; mean over cases. Dice at the calibrated threshold is what a user "
+             "gets by default; best Dice chooses the threshold with the expert label (optimistic). "
+             "Refused: alignment under the cut-off "
+             f"({MIN_ALIGNMENT}); such cases are still scored here. No model shown here saw these cases.",
+             "", "| contrast | model | AUPRC | best Dice | Dice @ calibrated | mL outside tumour | refused | "
+             "s / volume |", "|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        refused = sum(c.refused for c in result.cases) if result.model != "intensity alone" else None
+        lines.append(f"| {CONTRASTS[result.contrast]} | {result.model} | {cell(result.mean('auprc'))} | "
+                     f"{cell(result.mean('best_dice'))} | {cell(result.mean('dice_calibrated'))} | "
+                     f"{cell(result.mean('outside_ml'), 1)} | "
+                     f"{'–' if refused is None else f'{refused}/{len(result.cases)}'} | "
+                     f"{cell(result.mean('seconds'), 1) if refused is not None else '–'} |")
+    lines += ["", "Published on BraTS (other splits and training sets, so a guide only):", "",
+              "| contrast | method | AUPRC | best Dice | Dice |", "|---|---|---|---|---|"]
+    lines += [f"| {c} | {m} | {a or '–'} | {b or '–'} | {d or '–'} |" for c, m, a, b, d in PUBLISHED]
+    lines += ["", "![A case per contrast: input with the expert outline (green), pseudo-healthy, anomaly map, "
+              "segmentation at the calibrated threshold (yellow) against the expert outline](brats.png)", "",
+              f"Data: {CITATION}", ""]
+    return "\n".join(lines)
+
+
+def figure(folder: Path, keep: dict, results: list[ModelScore], path: Path) -> None:
+    """One row per (contrast, model) kept: input + expert outline, pseudo-healthy, anomaly map,
+    segmentation vs expert, on the slice with the most tumour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(r.contrast, r.model) for r in results if (r.contrast, r.model) in keep]
+    if not rows:
+        return
+    fig, axes = plt.subplots(len(rows), 4, figsize=(8, 2.1 * len(rows)), squeeze=False)
+    for row, (contrast, model) in enumerate(rows):
+        case = keep[contrast]
+        image, truth, _ = load_case(folder, case, contrast)
+        values = sitk.GetArrayFromImage(image)
+        healthy, scores, predicted, threshold = keep[(contrast, model)]
+        k = int(np.argmax(truth.sum(axis=(1, 2))))
+        low, high = np.percentile(values[values > 0], [1, 99.5])
+        panels = [values, sitk.GetArrayFromImage(healthy), sitk.GetArrayFromImage(scores), values]
+        for column, panel in enumerate(panels):
+            ax = axes[row, column]
+            flip = np.flipud(panel[k])
+            if column == 2:
+                ax.imshow(flip, cmap="inferno", vmin=0, vmax=2 * threshold)
+            else:
+                ax.imshow(flip, cmap="gray", vmin=low, vmax=high)
+            if column in (0, 3):
+                ax.contour(np.flipud(truth[k]), [0.5], colors="lime", linewidths=0.7)
+            if column == 3:
+                ax.contour(np.flipud(predicted[k]), [0.5], colors="yellow", linewidths=0.7)
+            ax.set_xticks([]), ax.set_yticks([])
+        axes[row, 0].set_ylabel(f"{CONTRASTS[contrast]}: {model}\n{case}", fontsize=7)
+    for column, title in enumerate(["input + expert", "pseudo-healthy", "anomaly map", "segmentation vs expert"]):
+        axes[0, column].set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "evaluation")
+    parser.add_argument("--contrasts", nargs="+", default=list(CONTRASTS), choices=list(CONTRASTS))
+    parser.add_argument("--models", nargs="+", help="model names (default: every bundled model of each contrast)")
+    parser.add_argument("--cases", type=int, help="only the first N cases (a quick look; not for the table)")
+    parser.add_argument("--figure-case", help="the case shown in the figure (default: the first)")
+    args = parser.parse_args(argv)
+    cases = find_cases(args.data, args.cases)
+    if not cases:
+        raise SystemExit(f"no BraTS cases (*_seg.nii.gz) in {args.data}")
+    keep: dict = {contrast: args.figure_case or cases[0] for contrast in args.contrasts}
+    results = []
+    for contrast in args.contrasts:
+        results.append(evaluate_intensity(contrast, args.data, cases))
+        for model in models_for(contrast, args.models):
+            print(f"{CONTRASTS[contrast]} {model}: {len(cases)} cases", flush=True)
+            results.append(evaluate_model(model, contrast, args.data, cases, keep))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "brats.md").write_text(markdown(results, cases))
+    (args.out / "brats.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    figure(args.data, keep, results, args.out / "brats.png")
+    print(markdown(results, cases))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
