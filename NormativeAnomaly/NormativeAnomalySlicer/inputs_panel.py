@@ -31,8 +31,8 @@ class InputsPanel:
         self._showStatus = showStatus
         ui.modelSelector.connect("currentIndexChanged(int)", self.onModelSelected)
         self._populateModelSelector()
-        parameters = parameterNode()
-        self._input = parameters.inputVolume if parameters else None  # a saved choice of model is kept for it
+        self._input = None  # the input volume the model was last chosen for
+        self._parameters = None  # the parameter node that input belongs to
 
     def onParameterNodeModified(self) -> None:
         """Show the parameter node's model when it is not the one shown; preselect the model of a
@@ -40,7 +40,9 @@ class InputsPanel:
         parameters = self._parameterNode()
         if not parameters:
             return
-        if parameters.inputVolume is not self._input:
+        if parameters is not self._parameters:  # another scene, or its saved choices: kept as they are
+            self._parameters, self._input = parameters, parameters.inputVolume
+        elif parameters.inputVolume is not self._input:
             self._input = parameters.inputVolume
             if self._input is not None:
                 self._preselectModel(self._input.GetName())
