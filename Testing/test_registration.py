@@ -137,3 +137,39 @@ def test_the_same_real_head_registers_identically_on_every_run(real_t1_head_path
     runs = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                                       check=True).stdout.splitlines()[-1]) for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+BRATS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "brats-dev"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BRATS.is_dir(), reason="the BraTS development cases (../shared/data/brats-dev) are not here")
+@pytest.mark.parametrize("case, contrast, flip, passes", [
+    ("Brats18_2013_23_1", "t2", None, True),  # the lowest T2 alignment of the ten cases
+    ("Brats18_TCIA10_639_1", "t1", None, True),
+    ("Brats18_2013_11_1", "t2", 0, False),  # stored upside down
+    ("Brats18_2013_11_1", "flair", None, False),  # another contrast for the T2 model
+])
+def test_real_scans_pass_the_alignment_check_and_failures_do_not(case, contrast, flip, passes):
+    """Real skull-stripped scans with tumours are not refused; the same scans stored wrongly or of
+    another contrast are (docs/alignment.md has all of them)."""
+    from NormativeAnomalyLib.errors import RegistrationError
+    from NormativeAnomalyLib.model_space import prepare_model_input
+    from NormativeAnomalyLib.pipeline import check_alignment
+    from NormativeAnomalyLib.templates import load_template
+
+    modality = "T1" if contrast == "t1" else "T2"
+    template = load_template(f"icbm152_2009c_{modality.lower()}_2mm")
+    image = sitk.ReadImage(str(BRATS / f"{case}_{contrast}.nii.gz"), sitk.sitkFloat32)
+    if flip is not None:
+        flipped = sitk.GetImageFromArray(np.flip(sitk.GetArrayFromImage(image), axis=flip).copy())
+        flipped.CopyInformation(image)
+        image = flipped
+    registration = register_to_template(image, template.image)
+    alignment = prepare_model_input(image, template, registration,
+                                    {"method": "percentile", "lower": 1.0, "upper": 99.0, "clip": [0.0, 1.5]}).alignment
+    if passes:
+        check_alignment(alignment, modality)
+    else:
+        with pytest.raises(RegistrationError, match="correlates"):
+            check_alignment(alignment, modality)

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""The alignment check's cut-off, measured: correlation of each registered input with the T1
-template over the brain (``model_space.alignment_quality``) for inputs that should pass (real
-and template-derived T1 heads) and inputs that should not (non-brain, noise, a label map, heads
-stored upside down or back to front, other contrasts).
+"""The alignment check's cut-offs, measured per contrast: correlation of each registered input
+with the T1 or T2 template over the brain (``model_space.alignment_quality``) for inputs that
+should pass (real and template-derived heads, real skull-stripped BraTS scans with tumours) and
+inputs that should not (non-brain, noise, a label map, scans stored upside down or back to front,
+other contrasts).
 
-    python scripts/alignment_cutoff.py [--out docs/alignment.md]
+    python scripts/alignment_cutoff.py [--out docs/alignment.md] [--brats ../shared/data/brats-dev]
 
-Uses data/raw (scripts/fetch_data.py) where present, and the files shipped in the repository.
-Prints one row per input and whether the shipped cut-off (pipeline.MIN_ALIGNMENT) separates them.
+Uses data/raw (scripts/fetch_data.py) and the BraTS development cases where present, and the files
+shipped in the repository. Prints one row per input and whether the shipped cut-off
+(pipeline.alignment_cutoff) separates them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ sys.path.insert(0, str(REPO / "NormativeAnomaly"))
 
 from NormativeAnomalyLib.errors import NormativeAnomalyError  # noqa: E402
 from NormativeAnomalyLib.model_space import prepare_model_input  # noqa: E402
-from NormativeAnomalyLib.pipeline import MIN_ALIGNMENT  # noqa: E402
+from NormativeAnomalyLib.pipeline import alignment_cutoff  # noqa: E402
 from NormativeAnomalyLib.registration import register_to_template  # noqa: E402
 from NormativeAnomalyLib.simulation import chest_phantom  # noqa: E402
 from NormativeAnomalyLib.templates import load_template  # noqa: E402
@@ -81,31 +83,68 @@ def _noise() -> sitk.Image:
     return image
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="also write the table as Markdown here")
-    args = parser.parse_args()
-    template = load_template("icbm152_2009c_t1_2mm")
-    rows, wrong = [], 0
-    for name, expected, image in cases(template):
+def brats_cases(folder: Path, modality: str) -> list[tuple[str, str, sitk.Image]]:
+    """Real skull-stripped scans with tumours (should pass), and the same scans as failures: another
+    contrast, or stored upside down / back to front (should be refused)."""
+    read = lambda path: sitk.ReadImage(str(path), sitk.sitkFloat32)  # noqa: E731
+    names = sorted(path.name[:-len("_seg.nii.gz")] for path in folder.glob("*_seg.nii.gz"))
+    own, others = ("t1", ("t2", "flair")) if modality == "T1" else ("t2", ("t1", "flair"))
+    found = [(f"BraTS {case} {own.upper()}", "pass", read(folder / f"{case}_{own}.nii.gz")) for case in names]
+    for case in names[:2]:
+        image = read(folder / f"{case}_{own}.nii.gz")
+        found += [(f"BraTS {case} {own.upper()} stored upside down", "refuse", flipped(image, 0)),
+                  (f"BraTS {case} {own.upper()} stored back to front", "refuse", flipped(image, 1))]
+        found += [(f"BraTS {case} {other.upper()} (other contrast)", "refuse", read(folder / f"{case}_{other}.nii.gz"))
+                  for other in others]
+    return found
+
+
+def t2_cases(t1_template) -> list[tuple[str, str, sitk.Image]]:
+    """For the T2 template: inputs that are not T2 brain MRI."""
+    read = lambda path: sitk.ReadImage(str(path), sitk.sitkFloat32)  # noqa: E731
+    return [("real T1 head (ITK KmeansTest)", "refuse", read(REPO / "Testing" / "Data" / "itk_kmeans_t1.nii.gz")),
+            ("ICBM 2009c T1 template (other contrast)", "refuse", t1_template.image),
+            ("chest-CT-like phantom", "refuse", chest_phantom()), ("uniform noise", "refuse", _noise())]
+
+
+def measure(template, modality: str, inputs: list[tuple[str, str, sitk.Image]]) -> tuple[list[str], int]:
+    rows, wrong, cutoff = [], 0, alignment_cutoff(modality)
+    for name, expected, image in inputs:
         try:  # what a run does first: the input checks, registration, model space
             validate_volume(image)
             registration = register_to_template(image, template.image)
             alignment, note = prepare_model_input(image, template, registration, NORMALISATION).alignment, ""
         except NormativeAnomalyError as error:  # refused before the alignment check
             alignment, note = float("nan"), f"(refused before the check: {error})"
-        passed = bool(alignment >= MIN_ALIGNMENT)
+        passed = bool(alignment >= cutoff)
         verdict = "ok" if passed == (expected == "pass") else "WRONG"
         wrong += verdict == "WRONG"
-        rows.append(f"| {name} | {expected} | {alignment:+.3f} | {'passes' if passed else 'refused'} | {verdict} {note}|")
+        rows.append(f"| {modality} | {name} | {expected} | {alignment:+.3f} | {'passes' if passed else 'refused'} | "
+                    f"{verdict} {note}|")
         print(rows[-1], flush=True)
-    table = ["| input | should | correlation | at cut-off " + str(MIN_ALIGNMENT) + " | |", "|---|---|---|---|---|"] + rows
+    return rows, wrong
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="also write the table as Markdown here")
+    parser.add_argument("--brats", type=Path, default=REPO.parent / "shared" / "data" / "brats-dev",
+                        help="BraTS cases (FLAIR, T1, T2, seg) for real scans with tumours, where present")
+    args = parser.parse_args()
+    t1, t2 = load_template("icbm152_2009c_t1_2mm"), load_template("icbm152_2009c_t2_2mm")
+    brats = args.brats.is_dir()
+    t1_rows, t1_wrong = measure(t1, "T1", cases(t1) + (brats_cases(args.brats, "T1") if brats else []))
+    t2_rows, t2_wrong = measure(t2, "T2", (brats_cases(args.brats, "T2") if brats else []) + t2_cases(t1))
+    rows, wrong = t1_rows + t2_rows, t1_wrong + t2_wrong
+    table = ["| template | input | should | correlation | at its cut-off | |", "|---|---|---|---|---|---|"] + rows
     if args.out:
-        args.out.write_text("# Alignment check: measured correlations\n\nMade by `scripts/alignment_cutoff.py`."
-                            " Correlation of the registered input with the ICBM 2009c T1 template over its brain.\n\n"
-                            + "\n".join(table) + "\n")
-    print(f"{len(rows) - wrong} of {len(rows)} inputs on the right side of the cut-off {MIN_ALIGNMENT} "
-          "(or refused before it)")
+        cutoffs = ", ".join(f"{m} {alignment_cutoff(m)}" for m in ("T1", "T2"))
+        args.out.write_text(
+            "# Alignment check: measured correlations\n\nMade by `scripts/alignment_cutoff.py`. Correlation of the "
+            "registered input with the model's template (ICBM 2009c T1 or T2) over its brain; cut-offs per contrast: "
+            f"{cutoffs}. BraTS rows: real pre-operative gliomas from the BraTS 2018 development cases (Menze et al. "
+            "2015; Bakas et al. 2017, 2018), skull-stripped.\n\n" + "\n".join(table) + "\n")
+    print(f"{len(rows) - wrong} of {len(rows)} inputs on the right side of their cut-off (or refused before it)")
     return 1 if wrong else 0
 
 

@@ -36,7 +36,7 @@ import SimpleITK as sitk
 
 from NormativeAnomalyLib.evaluation import auprc, best_dice, dice
 from NormativeAnomalyLib.models import available_models, resolve_model
-from NormativeAnomalyLib.pipeline import MIN_ALIGNMENT, RunOptions, detect_anomalies
+from NormativeAnomalyLib.pipeline import RunOptions, alignment_cutoff, detect_anomalies
 from NormativeAnomalyLib.volume_io import read_volume
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,7 +115,7 @@ def evaluate_model(model: str, contrast: str, folder: Path, cases: list[str], ke
         score = score_case(case, scores, truth, brain)
         score.dice_calibrated = dice(predicted, truth)
         score.outside_ml = float((predicted & ~truth).sum() * np.prod(image.GetSpacing()) / 1000)
-        score.alignment, score.refused, score.seconds = run.alignment, not run.alignment >= MIN_ALIGNMENT, seconds
+        score.alignment, score.refused, score.seconds = run.alignment, not run.alignment >= alignment_cutoff(package.card["modality"]), seconds
         result.cases.append(score)
         if case == keep.get(contrast):
             keep[(contrast, package.name)] = (run.pseudo_healthy, run.anomaly_map, predicted,
@@ -151,7 +151,8 @@ def markdown(results: list[ModelScore], cases: list[str]) -> str:
              "(label > 0) within the brain; mean over cases. Dice at the calibrated threshold is what a user "
              "gets by default; best Dice chooses the threshold with the expert label (optimistic). "
              "Refused: alignment under the cut-off "
-             f"({MIN_ALIGNMENT}); such cases are still scored here. No model shown here saw these cases.",
+             f"of the model's contrast ({', '.join(f'{m} {alignment_cutoff(m)}' for m in ('T1', 'T2'))}); such cases "
+             "are still scored here. No model shown here saw these cases.",
              "", "| contrast | model | AUPRC | best Dice | Dice @ calibrated | mL outside tumour | refused | "
              "s / volume |", "|---|---|---|---|---|---|---|---|"]
     for result in results:

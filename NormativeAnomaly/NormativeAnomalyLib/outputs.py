@@ -27,7 +27,7 @@ import slicerio
 
 from . import __version__
 from .errors import OutputError, one_line
-from .pipeline import MIN_ALIGNMENT, AnomalyResult
+from .pipeline import AnomalyResult, alignment_cutoff
 from .progress import Monitor
 from .report import write_report
 from .sitk_guard import is_utf8
@@ -284,7 +284,8 @@ def run_summary(result: AnomalyResult, settings: dict[str, Any]) -> dict[str, An
         "device_use": dataclasses.asdict(result.device_use) if result.device_use is not None else None,
         "registration": {"kind": result.registration.kind, "final_metric": _finite(result.registration.metric),
                          # correlation with the template over the brain; runs under the cut-off are refused
-                         "alignment": _finite(round(result.alignment, 4)), "alignment_cutoff": MIN_ALIGNMENT},
+                         "alignment": _finite(round(result.alignment, 4)),
+                         "alignment_cutoff": alignment_cutoff(card["modality"])},
         "threshold": result.segmentation.threshold,
         "threshold_healthy_fpr": result.threshold_fpr,
         "min_lesion_mm3": result.segmentation.min_lesion_mm3,

@@ -174,24 +174,32 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
 
 
 # Correlation of a registered input with its template over the brain (model_space.alignment_quality),
-# measured by scripts/alignment_cutoff.py (docs/alignment.md): real and template-derived T1 heads
-# 0.60 and above; heads stored upside down or back to front, a chest-like phantom, noise, a
-# partial field of view and other contrasts 0.30 and below. The cut-off sits between.
-MIN_ALIGNMENT = 0.45
+# per contrast, measured by scripts/alignment_cutoff.py (docs/alignment.md) on real scans and on
+# failures. T1: real heads and real skull-stripped BraTS T1 scans 0.51 and above; heads stored upside
+# down or back to front, non-brain anatomy, noise, a partial field of view and other contrasts 0.43
+# and below. T2 correlates less with its template, lesions or not: real BraTS T2 scans 0.22 and
+# above; T2 scans stored upside down or back to front, FLAIR, T1 and non-brain inputs 0.13 and below.
+ALIGNMENT_CUTOFFS = {"T1": 0.45, "T2": 0.17}
+
+
+def alignment_cutoff(modality: str) -> float:
+    """The cut-off for a model of this contrast (the strictest one for a contrast not measured)."""
+    return ALIGNMENT_CUTOFFS.get(modality, max(ALIGNMENT_CUTOFFS.values()))
 
 
 def check_alignment(alignment: float, modality: str) -> None:
     """Refuse a run whose registered input does not look like the model's template: a failed
     registration, non-brain anatomy or another contrast would otherwise give confident nonsense."""
-    if alignment >= MIN_ALIGNMENT:
+    cutoff = alignment_cutoff(modality)
+    if alignment >= cutoff:
         return
-    if alignment <= -MIN_ALIGNMENT:
+    if alignment <= -cutoff:
         why = f"its contrast looks inverted relative to the model's {modality} template (another modality?)"
     else:
         why = f"registration failed, or this is not a {modality} brain MRI"
     raise RegistrationError(
         f"the registered input correlates {alignment:.2f} with the model's template over the brain "
-        f"(cut-off {MIN_ALIGNMENT}): {why}; check the input, or run anyway with --accept-poor-alignment")
+        f"(cut-off {cutoff} for {modality}): {why}; check the input, or run anyway with --accept-poor-alignment")
 
 
 def _pseudo_healthy_on_input(image: sitk.Image, reconstruction: np.ndarray | None, model_input, template,
