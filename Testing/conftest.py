@@ -17,6 +17,17 @@ sys.path.insert(0, str(REPO / "NormativeAnomaly"))  # the core library, without 
 os.environ.setdefault("PYTHONIOENCODING", "utf-8")
 
 DATA = Path(__file__).resolve().parent / "Data"
+
+# Property and fuzz tests draw the same examples on every run, so a test run (and CI) is
+# reproducible; NORMATIVE_ANOMALY_HYPOTHESIS=explore draws new ones to look for new bugs.
+try:
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("reproducible", derandomize=True)
+    _hypothesis_settings.register_profile("explore", derandomize=False)
+    _hypothesis_settings.load_profile(os.environ.get("NORMATIVE_ANOMALY_HYPOTHESIS", "reproducible"))
+except ImportError:  # hypothesis is a test requirement; without it those tests are not collected
+    pass
 TEMPLATE_NAME = "icbm152_2009c_t1_2mm"
 
 

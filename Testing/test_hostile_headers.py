@@ -538,3 +538,18 @@ def test_mask_that_misses_the_brain_is_blamed(corner, description, tmp_path, rel
     line = refused(run(DEMO, tmp_path / "out", "--mask", mask))
     assert "brain mask given (--mask)" in line and "brain mri" not in line.lower(), line
     reliability_case("input volume", description, f"exit 1: {line}")
+
+
+@pytest.mark.reliability
+def test_a_data_file_name_with_a_nul_byte_is_refused(tmp_path, reliability_case):
+    """Found by the fuzzer: a NUL byte in a MetaImage data file name made path resolution raise."""
+    from NormativeAnomalyLib.errors import InputVolumeError
+    from NormativeAnomalyLib.volume_io import read_volume
+
+    header = tmp_path / "nul.mha"
+    header.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 8 8 8\nElementType = MET_FLOAT\n"
+                       b"ElementDataFile = da\x00ta.raw\n")
+    with pytest.raises(InputVolumeError, match="NUL byte") as refused:
+        read_volume(header)
+    assert "\n" not in str(refused.value)
+    reliability_case("input volume", "a MetaImage header naming a data file with a NUL byte", f"refused: {refused.value}")

@@ -68,6 +68,9 @@ def checked_data_files(header: Path, reader: str, root: Path | None, label: str,
     data_files = _data_files(header, reader, label)
     for data in data_files:
         named = f"the data file {shown(data.written)!r}"
+        if "\0" in data.written:  # no file system has such a name; the reader would cut it short
+            raise InputVolumeError(f"{label} names {named} in its header, which holds a NUL byte; "
+                                   "its header is corrupt")
         if not data.path.resolve().is_relative_to(folder):
             raise InputVolumeError(f"{label} names {named} in its header, outside {where}; "
                                    "only data files inside it are read")
