@@ -238,9 +238,11 @@ class RunPanel:
     def cancel(self, status: str) -> None:
         """Stop a running analysis (Cancel, scene close); the scene is left as it was. The child is
         asked to stop and the timer finishes the job, so the GUI never waits for it."""
-        self._runQueued = False
+        queued, self._runQueued = self._runQueued, False
         handle, self.handle = self.handle, None
         if handle is None:
+            if queued:  # Run was waiting for the dependency check: it will not start
+                self._showStatus(status)
             self.checkCanApply()
             return
         run_controller.request_cancel(handle)
