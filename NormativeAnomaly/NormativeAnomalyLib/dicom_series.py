@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputVolumeError
-from .sitk_guard import first_line, is_utf8, numbers, quiet, shown
+from .sitk_guard import first_line, image_information, is_utf8, numbers, quiet, shown
 
 MAX_SLICE_DEVIATION = 0.01  # a DICOM slice may sit 1% of the spacing away from its uniform place
 
@@ -134,12 +134,7 @@ def _check_slices(files: Sequence[str], label: str) -> None:
 
 
 def _slice_info(name: str, label: str) -> _Slice | None:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(name)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise InputVolumeError(f"DICOM series in {label} cannot be read: {first_line(error)}") from None
+    reader = image_information(name, f"DICOM series in {label} cannot be read")
     if reader.GetDimension() != 3:
         return None
     return _Slice(tuple(reader.GetSize()), np.asarray(reader.GetOrigin(), dtype=np.float64),

@@ -13,6 +13,8 @@ from typing import Iterator, Sequence
 
 import SimpleITK as sitk
 
+from .errors import InputVolumeError
+
 
 def shown(path: str | os.PathLike) -> str:
     """A path as one printable line: a newline or undecodable byte in a name would otherwise
@@ -69,3 +71,15 @@ def _native_stderr_silenced() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def image_information(name: str, failure: str) -> sitk.ImageFileReader:
+    """A reader holding the header of the file ITK knows as ``name`` (the voxels not read yet);
+    an unreadable header raises InputVolumeError "``failure``: <ITK's reason>"."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(name)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputVolumeError(f"{failure}: {first_line(error)}") from None
+    return reader

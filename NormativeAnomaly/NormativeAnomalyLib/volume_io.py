@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from .dicom_series import read_dicom_series
 from .errors import InputVolumeError, OutputError
 from .nifti_checks import check_nifti_data, check_nifti_header
-from .sitk_guard import first_line, numbers, quiet, shown  # shown: callers import it from here
+from .sitk_guard import first_line, image_information, numbers, quiet, shown  # shown: callers import it from here
 from .volume_headers import check_regular_file, checked_data_files, itk_file_name, reader_of
 
 # A 512^3 float32 volume is 0.5 GB; the pipeline holds a few copies. Larger inputs are
@@ -73,12 +73,7 @@ def _read_image_file(path: Path, name: str, label: str, data_root: Path | None =
     if reader_name == "NiftiImageIO":
         check_nifti_header(path, label)
     with itk_file_name(path, data_files, label) as itk_name, quiet():
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(itk_name)
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as error:
-            raise InputVolumeError(f"{label} cannot be read as an image: {first_line(error)}") from None
+        reader = image_information(itk_name, f"{label} cannot be read as an image")
         check_header(reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize(), label)
         _check_geometry(reader.GetOrigin(), reader.GetSpacing(), reader.GetDirection(), reader.GetSize(), label)
         try:

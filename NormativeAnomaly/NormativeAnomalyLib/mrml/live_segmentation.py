@@ -59,6 +59,7 @@ class LiveSegmentation:
         # What the segment held after the module last wrote it: an edit made anywhere else (the
         # Segment Editor opened directly) is told apart from the module's own writes by content.
         self._written: str | None = self._segment_fingerprint() if new_result else None
+        self._written_stamp: tuple | None = None  # the labelmap as last written: unchanged means not edited
 
     @property
     def fpr(self) -> float:
@@ -90,6 +91,7 @@ class LiveSegmentation:
         segmentation = self.segmenter.segment(threshold, min_size, self.nodes.rejected_peaks)
         self._write_segment(segmentation)
         self._written = _fingerprint(segmentation.box_mask(), segmentation.box, self._ijk_to_ras())
+        self._written_stamp = self._labelmap_stamp()
         write_lesion_table(self.nodes.lesion_table, segmentation)
         if threshold != self.nodes.threshold:
             self.nodes.threshold = threshold
@@ -124,11 +126,25 @@ class LiveSegmentation:
             expected = self.segmenter.segment(self.nodes.threshold, self.nodes.min_lesion_mm3,
                                               self.nodes.rejected_peaks)
             self._written = _fingerprint(expected.box_mask(), expected.box, self._ijk_to_ras())
+        if self._written_stamp is not None and self._labelmap_stamp() == self._written_stamp:
+            return False  # not touched since the module wrote it: a slider step skips the hashing
         return self._segment_fingerprint() != self._written
 
-    def _segment_fingerprint(self) -> str:
+    def _labelmap(self):
         segment = self.nodes.segmentation.GetSegmentation().GetSegment(SEGMENT_ID)
-        labelmap = segment.GetRepresentation("Binary labelmap") if segment is not None else None
+        return segment, segment.GetRepresentation("Binary labelmap") if segment is not None else None
+
+    def _labelmap_stamp(self) -> tuple | None:
+        """The segment's labelmap object and its modification times: any edit (the Segment Editor's
+        included) replaces the object or marks it modified."""
+        _segment, labelmap = self._labelmap()
+        if labelmap is None:
+            return None
+        scalars = labelmap.GetPointData().GetScalars()
+        return labelmap.__this__, labelmap.GetMTime(), scalars.GetMTime() if scalars is not None else None
+
+    def _segment_fingerprint(self) -> str:
+        segment, labelmap = self._labelmap()
         scalars = labelmap.GetPointData().GetScalars() if labelmap is not None else None
         if scalars is None:
             return _fingerprint(np.zeros((0, 0, 0), bool), (slice(0, 0),) * 3, self._ijk_to_ras())
