@@ -10,6 +10,7 @@ from slicer.util import VTKObservationMixin
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
+from NormativeAnomalyLib.background import SKULL_OPTIONS
 from NormativeAnomalySlicer.sample_data import registerSampleData
 from NormativeAnomalySlicer.self_test import NormativeAnomalySelfTests
 
@@ -60,6 +61,7 @@ class NormativeAnomalyParameterNode:
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     alreadyInTemplateSpace: bool = False
     acceptPoorAlignment: bool = False
+    skull: Annotated[str, Choice(list(SKULL_OPTIONS))] = "detect"
     noiseLevel: Annotated[int, WithinRange(1, 1000)] = 250
     diffusionSteps: Annotated[int, WithinRange(1, 100)] = 10
     samples: Annotated[int, WithinRange(1, 32)] = 1
@@ -221,14 +223,16 @@ class NormativeAnomalyLogic(ScriptedLoadableModuleLogic):
 
     def startRun(self, inputVolume: vtkMRMLScalarVolumeNode, modelName: str, device: str = "auto",
                  alreadyInTemplateSpace: bool = False, brainMask: Optional[vtkMRMLLabelMapVolumeNode] = None,
-                 diffusion: Optional[dict[str, Any]] = None, acceptPoorAlignment: bool = False):
+                 diffusion: Optional[dict[str, Any]] = None, acceptPoorAlignment: bool = False,
+                 skull: str = "detect"):
         """Start the analysis in the background; returns a RunHandle to poll, finish or cancel.
 
         ``diffusion`` overrides a diffusion model's card settings for this run: any of noise_level,
         steps, samples (more than 1 also gives an uncertainty map) and noise ("gaussian", "simplex" or "coarse").
         It is only passed on for diffusion models (ignored, with a warning, for a registered model of
         another family; a model given by folder is left to the command-line tool to judge).
-        ``acceptPoorAlignment`` runs even when the registered input does not look like the template."""
+        ``acceptPoorAlignment`` runs even when the registered input does not look like the template.
+        ``skull``: "detect", "skull-stripped" (scored on its own brain) or "with skull"."""
         from NormativeAnomalyLib.mrml import run_controller
         from NormativeAnomalyLib.models.registry import card_diffusion_settings, is_diffusion_model
 
@@ -239,7 +243,7 @@ class NormativeAnomalyLogic(ScriptedLoadableModuleLogic):
         return run_controller.start_run(inputVolume, modelName, device, alreadyInTemplateSpace, brainMask,
                                         slicer.app.temporaryPath, diffusion=diffusion,
                                         diffusion_card=card_diffusion_settings(card),
-                                        accept_poor_alignment=acceptPoorAlignment)
+                                        accept_poor_alignment=acceptPoorAlignment, skull=skull)
 
     def waitForRun(self, handle, timeoutSeconds: float = 3600.0):
         """Block (keeping the application responsive) until the run ends; returns its RunState."""

@@ -101,7 +101,7 @@ def test_run_writes_every_output(head_run, real_t1_head_path):
     assert summary["model"]["name"] == default_model_name()
     assert summary["model"]["family"] == resolve_model().family
     assert isinstance(summary["threshold"], float) and np.isfinite(summary["threshold"])
-    assert summary["threshold_healthy_fpr"] == pytest.approx(0.01)  # the card's default_fpr
+    assert summary["threshold_healthy_fpr"] == pytest.approx(resolve_model().card["scoring"]["default_fpr"])
     assert summary["settings"]["input"] == str(real_t1_head_path)
     assert summary["registration"]["kind"] == "affine"
     for name in ("pseudo_healthy.nii.gz", "anomaly_map.nii.gz"):
@@ -220,7 +220,7 @@ def test_models_json():
         if row.get("default_for_modality"):
             assert row["modality"] not in per_modality, row
             per_modality[row["modality"]] = row["name"]
-    assert per_modality == {"T1": "dae-t1", "T2": "dae-t2"}
+    assert per_modality == {"T1": "dae-t1", "T2": "dae-t2", "FLAIR": "intensity-flair"}
 
 
 def test_models_lists_installed_packages_and_a_broken_one_with_its_error(tmp_path):

@@ -144,32 +144,54 @@ BRATS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "bra
 
 @pytest.mark.slow
 @pytest.mark.skipif(not BRATS.is_dir(), reason="the BraTS development cases (../shared/data/brats-dev) are not here")
-@pytest.mark.parametrize("case, contrast, flip, passes", [
-    ("Brats18_2013_23_1", "t2", None, True),  # the lowest T2 alignment of the ten cases
-    ("Brats18_TCIA10_639_1", "t1", None, True),
-    ("Brats18_2013_11_1", "t2", 0, False),  # stored upside down
-    ("Brats18_2013_11_1", "flair", None, False),  # another contrast for the T2 model
+@pytest.mark.parametrize("case, contrast, modality, flip, passes", [
+    ("Brats18_2013_23_1", "t2", "T2", None, True),  # among the lowest T2 alignments of the ten cases
+    ("Brats18_TCIA10_639_1", "t1", "T1", None, True),
+    ("Brats18_TCIA01_201_1", "flair", "FLAIR", None, True),  # the lowest FLAIR alignment
+    ("Brats18_2013_11_1", "t2", "T2", 0, False),  # stored upside down
+    ("Brats18_2013_11_1", "flair", "T2", None, False),  # another contrast for the T2 model
+    ("Brats18_2013_23_1", "t1", "FLAIR", None, False),  # a T1 for the FLAIR model: the tissue order tells
 ])
-def test_real_scans_pass_the_alignment_check_and_failures_do_not(case, contrast, flip, passes):
+def test_real_scans_pass_the_alignment_check_and_failures_do_not(case, contrast, modality, flip, passes):
     """Real skull-stripped scans with tumours are not refused; the same scans stored wrongly or of
-    another contrast are (docs/alignment.md has all of them)."""
+    another contrast are (docs/alignment.md has all of them). As a run does: a skull-stripped scan
+    is registered to the template's brain and judged on the template's brain."""
     from NormativeAnomalyLib.errors import RegistrationError
     from NormativeAnomalyLib.model_space import prepare_model_input
-    from NormativeAnomalyLib.pipeline import check_alignment
+    from NormativeAnomalyLib.pipeline import RunOptions, check_alignment, input_brain_mask
     from NormativeAnomalyLib.templates import load_template
 
-    modality = "T1" if contrast == "t1" else "T2"
     template = load_template(f"icbm152_2009c_{modality.lower()}_2mm")
     image = sitk.ReadImage(str(BRATS / f"{case}_{contrast}.nii.gz"), sitk.sitkFloat32)
     if flip is not None:
         flipped = sitk.GetImageFromArray(np.flip(sitk.GetArrayFromImage(image), axis=flip).copy())
         flipped.CopyInformation(image)
         image = flipped
-    registration = register_to_template(image, template.image)
-    alignment = prepare_model_input(image, template, registration,
-                                    {"method": "percentile", "lower": 1.0, "upper": 99.0, "clip": [0.0, 1.5]}).alignment
+    brain_mask, mask_name, stripped = input_brain_mask(image, RunOptions())
+    assert stripped
+    registration = register_to_template(image, template.brain_image)
+    prepared = prepare_model_input(image, template, registration,
+                                   {"method": "percentile", "lower": 1.0, "upper": 99.0, "clip": [0.0, 1.5]},
+                                   brain_mask, False, mask_name)
     if passes:
-        check_alignment(alignment, modality)
+        check_alignment(prepared.alignment, modality, prepared.tissue_order)
     else:
-        with pytest.raises(RegistrationError, match="correlates"):
-            check_alignment(alignment, modality)
+        with pytest.raises(RegistrationError, match="correlates|orders its tissues"):
+            check_alignment(prepared.alignment, modality, prepared.tissue_order)
+
+
+def test_the_tissue_order_tells_contrasts_apart_where_correlation_cannot(template):
+    """Each template against the others on their common grid: its own order is positive; T1 given to
+    the FLAIR-like template orders grey and white matter the other way round, although the two correlate."""
+    from NormativeAnomalyLib.model_space import alignment_quality, tissue_order
+    from NormativeAnomalyLib.templates import load_template
+
+    brain = sitk.GetArrayFromImage(template.brain_mask).astype(bool)
+    values = {name: sitk.GetArrayFromImage(load_template(f"icbm152_2009c_{name}_2mm").image).astype(np.float64)
+              for name in ("t1", "t2", "flair")}
+    for name, own in values.items():
+        assert tissue_order(own, own, brain) > 0.1
+        assert tissue_order(own, own.max() - own, brain) < -0.1  # inverted contrast
+    assert alignment_quality(values["flair"], values["t1"], brain) > 0.5  # the correlation would let T1 pass...
+    assert tissue_order(values["flair"], values["t1"], brain) < -0.05  # ...the tissue order does not
+    assert tissue_order(values["t2"], values["t1"], brain) < 0 and tissue_order(values["t1"], values["t2"], brain) < 0

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """The alignment check's cut-offs, measured per contrast: correlation of each registered input
-with the T1 or T2 template over the brain (``model_space.alignment_quality``) for inputs that
+with the T1, T2 or FLAIR-like template over the brain (``model_space.alignment_quality``) for inputs that
 should pass (real and template-derived heads, real skull-stripped BraTS scans with tumours) and
 inputs that should not (non-brain, noise, a label map, scans stored upside down or back to front,
 other contrasts).
 
     python scripts/alignment_cutoff.py [--out docs/alignment.md] [--brats ../shared/data/brats-dev]
 
-Uses data/raw (scripts/fetch_data.py) and the BraTS development cases where present, and the files
+Each input goes through what a run does first (skull detection, registration to the template or,
+for a skull-stripped input, to its brain, the model-space steps). Uses data/raw (scripts/fetch_data.py) and the BraTS development cases where present, and the files
 shipped in the repository. Prints one row per input and whether the shipped cut-off
 (pipeline.alignment_cutoff) separates them.
 """
@@ -26,7 +27,8 @@ sys.path.insert(0, str(REPO / "NormativeAnomaly"))
 
 from NormativeAnomalyLib.errors import NormativeAnomalyError  # noqa: E402
 from NormativeAnomalyLib.model_space import prepare_model_input  # noqa: E402
-from NormativeAnomalyLib.pipeline import alignment_cutoff  # noqa: E402
+from NormativeAnomalyLib.pipeline import (TISSUE_ORDER_MINIMA, RunOptions, alignment_cutoff,  # noqa: E402
+                                          input_brain_mask, tissue_order_minimum)
 from NormativeAnomalyLib.registration import register_to_template  # noqa: E402
 from NormativeAnomalyLib.simulation import chest_phantom  # noqa: E402
 from NormativeAnomalyLib.templates import load_template  # noqa: E402
@@ -88,7 +90,8 @@ def brats_cases(folder: Path, modality: str) -> list[tuple[str, str, sitk.Image]
     contrast, or stored upside down / back to front (should be refused)."""
     read = lambda path: sitk.ReadImage(str(path), sitk.sitkFloat32)  # noqa: E731
     names = sorted(path.name[:-len("_seg.nii.gz")] for path in folder.glob("*_seg.nii.gz"))
-    own, others = ("t1", ("t2", "flair")) if modality == "T1" else ("t2", ("t1", "flair"))
+    own = modality.lower()
+    others = tuple(contrast for contrast in ("t1", "t2", "flair") if contrast != own)
     found = [(f"BraTS {case} {own.upper()}", "pass", read(folder / f"{case}_{own}.nii.gz")) for case in names]
     for case in names[:2]:
         image = read(folder / f"{case}_{own}.nii.gz")
@@ -99,12 +102,12 @@ def brats_cases(folder: Path, modality: str) -> list[tuple[str, str, sitk.Image]
     return found
 
 
-def t2_cases(t1_template) -> list[tuple[str, str, sitk.Image]]:
-    """For the T2 template: inputs that are not T2 brain MRI."""
+def other_contrast_cases(*templates) -> list[tuple[str, str, sitk.Image]]:
+    """For a T2 or FLAIR template: inputs that are not brain MRI of its contrast."""
     read = lambda path: sitk.ReadImage(str(path), sitk.sitkFloat32)  # noqa: E731
-    return [("real T1 head (ITK KmeansTest)", "refuse", read(REPO / "Testing" / "Data" / "itk_kmeans_t1.nii.gz")),
-            ("ICBM 2009c T1 template (other contrast)", "refuse", t1_template.image),
-            ("chest-CT-like phantom", "refuse", chest_phantom()), ("uniform noise", "refuse", _noise())]
+    return ([("real T1 head (ITK KmeansTest)", "refuse", read(REPO / "Testing" / "Data" / "itk_kmeans_t1.nii.gz"))]
+            + [(f"{template.name} template (other contrast)", "refuse", template.image) for template in templates]
+            + [("chest-CT-like phantom", "refuse", chest_phantom()), ("uniform noise", "refuse", _noise())])
 
 
 def measure(template, modality: str, inputs: list[tuple[str, str, sitk.Image]]) -> tuple[list[str], int]:
@@ -112,14 +115,18 @@ def measure(template, modality: str, inputs: list[tuple[str, str, sitk.Image]]) 
     for name, expected, image in inputs:
         try:  # what a run does first: the input checks, registration, model space
             validate_volume(image)
-            registration = register_to_template(image, template.image)
-            alignment, note = prepare_model_input(image, template, registration, NORMALISATION).alignment, ""
+            brain_mask, mask_name, stripped = input_brain_mask(image, RunOptions())
+            registration = register_to_template(image, template.brain_image if stripped else template.image)
+            prepared = prepare_model_input(image, template, registration, NORMALISATION, brain_mask, False, mask_name)
+            alignment, order = prepared.alignment, prepared.tissue_order
+            note = "(skull-stripped) " if stripped else ""
         except NormativeAnomalyError as error:  # refused before the alignment check
-            alignment, note = float("nan"), f"(refused before the check: {error})"
-        passed = bool(alignment >= cutoff)
+            alignment, order, note = float("nan"), float("nan"), f"(refused before the check: {error})"
+        passed = bool(alignment >= cutoff and order >= tissue_order_minimum(modality))
         verdict = "ok" if passed == (expected == "pass") else "WRONG"
         wrong += verdict == "WRONG"
-        rows.append(f"| {modality} | {name} | {expected} | {alignment:+.3f} | {'passes' if passed else 'refused'} | "
+        rows.append(f"| {modality} | {name} | {expected} | {alignment:+.3f} | {order:+.3f} | "
+                    f"{'passes' if passed else 'refused'} | "
                     f"{verdict} {note}|")
         print(rows[-1], flush=True)
     return rows, wrong
@@ -132,17 +139,24 @@ def main() -> int:
                         help="BraTS cases (FLAIR, T1, T2, seg) for real scans with tumours, where present")
     args = parser.parse_args()
     t1, t2 = load_template("icbm152_2009c_t1_2mm"), load_template("icbm152_2009c_t2_2mm")
+    flair = load_template("icbm152_2009c_flair_2mm")
     brats = args.brats.is_dir()
-    t1_rows, t1_wrong = measure(t1, "T1", cases(t1) + (brats_cases(args.brats, "T1") if brats else []))
-    t2_rows, t2_wrong = measure(t2, "T2", (brats_cases(args.brats, "T2") if brats else []) + t2_cases(t1))
-    rows, wrong = t1_rows + t2_rows, t1_wrong + t2_wrong
-    table = ["| template | input | should | correlation | at its cut-off | |", "|---|---|---|---|---|---|"] + rows
+    rows, wrong = [], 0
+    for template, modality, inputs in [
+            (t1, "T1", cases(t1) + (brats_cases(args.brats, "T1") if brats else [])),
+            (t2, "T2", (brats_cases(args.brats, "T2") if brats else []) + other_contrast_cases(t1)),
+            (flair, "FLAIR", (brats_cases(args.brats, "FLAIR") if brats else []) + other_contrast_cases(t1, t2))]:
+        measured, mistakes = measure(template, modality, inputs)
+        rows, wrong = rows + measured, wrong + mistakes
+    table = ["| template | input | should | correlation | tissue order | at its cut-offs | |",
+             "|---|---|---|---|---|---|---|"] + rows
     if args.out:
-        cutoffs = ", ".join(f"{m} {alignment_cutoff(m)}" for m in ("T1", "T2"))
+        cutoffs = ", ".join(f"{m} {alignment_cutoff(m)}" for m in ("T1", "T2", "FLAIR"))
         args.out.write_text(
             "# Alignment check: measured correlations\n\nMade by `scripts/alignment_cutoff.py`. Correlation of the "
-            "registered input with the model's template (ICBM 2009c T1 or T2) over its brain; cut-offs per contrast: "
-            f"{cutoffs}. BraTS rows: real pre-operative gliomas from the BraTS 2018 development cases (Menze et al. "
+            "registered input with the model's template (ICBM 2009c T1 or T2, or the FLAIR-like template synthesised from them) over its brain; cut-offs per contrast: "
+            f"{cutoffs}; and the order of the template's tissues in the input (`model_space.tissue_order`; minima "
+            f"{', '.join(f'{m} {v}' for m, v in TISSUE_ORDER_MINIMA.items())}). BraTS rows: real pre-operative gliomas from the BraTS 2018 development cases (Menze et al. "
             "2015; Bakas et al. 2017, 2018), skull-stripped.\n\n" + "\n".join(table) + "\n")
     print(f"{len(rows) - wrong} of {len(rows)} inputs on the right side of their cut-off (or refused before it)")
     return 1 if wrong else 0

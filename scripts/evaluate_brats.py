@@ -36,7 +36,8 @@ import SimpleITK as sitk
 
 from NormativeAnomalyLib.evaluation import auprc, best_dice, dice
 from NormativeAnomalyLib.models import available_models, resolve_model
-from NormativeAnomalyLib.pipeline import RunOptions, alignment_cutoff, detect_anomalies
+from NormativeAnomalyLib.pipeline import RunOptions, alignment_cutoff, detect_anomalies, tissue_order_minimum
+from NormativeAnomalyLib.training.normative import leave_out, scan_sums
 from NormativeAnomalyLib.volume_io import read_volume
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,20 +103,50 @@ def score_case(case: str, scores: np.ndarray, truth: np.ndarray, brain: np.ndarr
     return CaseScore(case, auprc(scores[brain], truth[brain]), best_dice(scores[brain], truth[brain])[0])
 
 
-def evaluate_model(model: str, contrast: str, folder: Path, cases: list[str], keep: dict) -> ModelScore:
+def seen_cases(package) -> list[str]:
+    """The cases a package's location statistics were fitted on (its card lists them)."""
+    return list(package.card["scoring"].get("normative", {}).get("cases", []))
+
+
+def evaluate_model(model: str, contrast: str, folder: Path, cases: list[str], keep: dict,
+                   skull_stripped: bool | None = None) -> list[ModelScore]:
+    """The model's scores; for a model with location statistics, also its plain residual's (same
+    registration and network, no statistics: AUPRC and best Dice only, as its calibration is the
+    statistics')."""
     package = resolve_model(model)
     result = ModelScore(package.name, contrast)
+    ablation = ModelScore(f"{package.name} without location statistics", contrast)
+    seen = [case for case in seen_cases(package) if case in cases]
+    sums, registrations = [], {}
+    if seen:
+        # Location statistics fitted on these cases: each is scored by a package fitted without it.
+        settings = package.card["scoring"]["normative"]
+        plain = type(package)(package.path, package.card, package.template, package.state_dict)
+        print(f"  {package.name} saw {len(seen)} of these cases: refitting without each", flush=True)
+        for case in seen_cases(package):
+            if not (folder / f"{case}_{contrast}.nii.gz").is_file():
+                raise SystemExit(f"{package.name} was fitted on {case}, which is not in {folder}: cannot leave it out")
+            image, _, _ = load_case(folder, case, contrast)
+            label = sitk.ReadImage(str(folder / f"{case}_seg.nii.gz"), sitk.sitkUInt8)
+            scan, registrations[case] = scan_sums(plain, image, label, case, settings["smoothing_mm"],
+                                                  settings["lesion_margin_mm"], skull_stripped=skull_stripped)
+            sums.append(scan)
     for case in cases:
         image, truth, brain = load_case(folder, case, contrast)
         start = time.perf_counter()
-        run = detect_anomalies(image, package, RunOptions(device="cpu", accept_poor_alignment=True))
-        seconds = time.perf_counter() - start
+        scored_by = leave_out(package, sums, {case}) if case in seen else package
+        run = detect_anomalies(image, scored_by, RunOptions(device="cpu", accept_poor_alignment=True,
+                                                            registration=registrations.get(case),
+                                                            skull_stripped=skull_stripped))
+        seconds = time.perf_counter() - start + (registrations[case].seconds if case in registrations else 0.0)
         scores = sitk.GetArrayFromImage(run.anomaly_map)
         predicted = run.segmentation.mask
         score = score_case(case, scores, truth, brain)
         score.dice_calibrated = dice(predicted, truth)
         score.outside_ml = float((predicted & ~truth).sum() * np.prod(image.GetSpacing()) / 1000)
-        score.alignment, score.refused, score.seconds = run.alignment, not run.alignment >= alignment_cutoff(package.card["modality"]), seconds
+        modality = package.card["modality"]
+        passes = run.alignment >= alignment_cutoff(modality) and run.tissue_order >= tissue_order_minimum(modality)
+        score.alignment, score.refused, score.seconds = run.alignment, not passes, seconds
         result.cases.append(score)
         if case == keep.get(contrast):
             keep[(contrast, package.name)] = (run.pseudo_healthy, run.anomaly_map, predicted,
@@ -123,7 +154,13 @@ def evaluate_model(model: str, contrast: str, folder: Path, cases: list[str], ke
         print(f"  {package.name} {case}: AUPRC {score.auprc:.3f}, best Dice {score.best_dice:.3f}, Dice "
               f"{score.dice_calibrated:.3f}, {score.outside_ml:.1f} mL outside, alignment {score.alignment:.2f}, "
               f"{seconds:.1f} s", flush=True)
-    return result
+        if package.normative is not None:
+            plain = type(package)(package.path, package.card, package.template, package.state_dict)
+            plain_run = detect_anomalies(image, plain, RunOptions(device="cpu", accept_poor_alignment=True,
+                                                                  registration=run.registration,
+                                                                  skull_stripped=skull_stripped))
+            ablation.cases.append(score_case(case, sitk.GetArrayFromImage(plain_run.anomaly_map), truth, brain))
+    return [result] + ([ablation] if ablation.cases else [])
 
 
 def evaluate_intensity(contrast: str, folder: Path, cases: list[str]) -> ModelScore:
@@ -151,12 +188,19 @@ def markdown(results: list[ModelScore], cases: list[str]) -> str:
              "(label > 0) within the brain; mean over cases. Dice at the calibrated threshold is what a user "
              "gets by default; best Dice chooses the threshold with the expert label (optimistic). "
              "Refused: alignment under the cut-off "
-             f"of the model's contrast ({', '.join(f'{m} {alignment_cutoff(m)}' for m in ('T1', 'T2'))}); such cases "
-             "are still scored here. No model shown here saw these cases.",
+             f"of the model's contrast ({', '.join(f'{m} {alignment_cutoff(m)}' for m in ('T1', 'T2', 'FLAIR'))}) "
+             "or tissue order under its minimum (docs/alignment.md); "
+             "such cases are still scored here. The scans are recognised as skull-stripped, registered to the "
+             "template's brain and scored on their own brain, as a run does. No network was trained on these "
+             "cases. A model with location statistics (location-aware scoring: the residual as a deviation from "
+             "healthy tissue at the same template location) fitted on them, as its card says, is scored on each "
+             "case by a copy fitted without that case (leave-one-case-out: statistics and calibration from the "
+             "other nine cases' tissue over 10 mm from their tumours); its row \"without location statistics\" "
+             "is the same run's plain residual (threshold-free figures only).",
              "", "| contrast | model | AUPRC | best Dice | Dice @ calibrated | mL outside tumour | refused | "
              "s / volume |", "|---|---|---|---|---|---|---|---|"]
     for result in results:
-        refused = sum(c.refused for c in result.cases) if result.model != "intensity alone" else None
+        refused = sum(c.refused for c in result.cases) if np.isfinite(result.mean("dice_calibrated")) else None
         lines.append(f"| {CONTRASTS[result.contrast]} | {result.model} | {cell(result.mean('auprc'))} | "
                      f"{cell(result.mean('best_dice'))} | {cell(result.mean('dice_calibrated'))} | "
                      f"{cell(result.mean('outside_ml'), 1)} | "
@@ -219,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", help="model names (default: every bundled model of each contrast)")
     parser.add_argument("--cases", type=int, help="only the first N cases (a quick look; not for the table)")
     parser.add_argument("--figure-case", help="the case shown in the figure (default: the first)")
+    parser.add_argument("--skull", choices=["detect", "stripped", "template"], default="detect",
+                        help="brain scored: detected as a run does (default), the scan's own, or the template's")
     args = parser.parse_args(argv)
     cases = find_cases(args.data, args.cases)
     if not cases:
@@ -229,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(evaluate_intensity(contrast, args.data, cases))
         for model in models_for(contrast, args.models):
             print(f"{CONTRASTS[contrast]} {model}: {len(cases)} cases", flush=True)
-            results.append(evaluate_model(model, contrast, args.data, cases, keep))
+            results += evaluate_model(model, contrast, args.data, cases, keep,
+                                      {"detect": None, "stripped": True, "template": False}[args.skull])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "brats.md").write_text(markdown(results, cases))
     (args.out / "brats.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")

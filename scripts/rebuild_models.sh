@@ -23,7 +23,9 @@ for name in $T1_MODELS dae-t2; do
   rm -rf "Resources/Models/$name" && cp -r "out/models/$name" "Resources/Models/$name"
 done
 python scripts/build_resources.py --only intensity
+if [ -d ../shared/data/brats-dev ]; then scripts/fit_bundled_normative.sh; fi
 python scripts/make_test_set.py
 python scripts/make_test_set.py --modality T2
 python scripts/evaluate.py --data data/testset --models intensity-t1 $T1_MODELS --out docs/evaluation
 python scripts/evaluate.py --data data/testset_t2 --models dae-t2 --out docs/evaluation/t2
+if [ -d ../shared/data/brats-dev ]; then python scripts/evaluate_brats.py; fi

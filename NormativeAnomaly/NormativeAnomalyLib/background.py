@@ -28,6 +28,8 @@ from .progress import parse_progress_line
 
 LIBRARY_PARENT = Path(__file__).resolve().parent.parent  # the folder holding NormativeAnomalyLib
 CLI_MODULE = "NormativeAnomalyLib.cli"
+# The front ends' skull settings and the CLI options that state them ("detect" states nothing).
+SKULL_OPTIONS = {"detect": [], "skull-stripped": ["--skull-stripped"], "with skull": ["--with-skull"]}
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,15 @@ def _parser() -> argparse.ArgumentParser:
                              help="slices per inference batch (default: the model's; on CUDA sized from free memory)")
         command.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                              help="inference precision (auto: bf16 or fp16 on a GPU, fp32 on the CPU)")
-        command.add_argument("--n4", action="store_true", default=None, help="N4 bias-field correction first")
+        n4 = command.add_mutually_exclusive_group()
+        n4.add_argument("--n4", dest="n4", action="store_const", const=True,
+                        help="N4 bias-field correction first (default: the model card's)")
+        n4.add_argument("--no-n4", dest="n4", action="store_const", const=False, help="no N4 bias-field correction")
+        skull = command.add_mutually_exclusive_group()
+        skull.add_argument("--skull-stripped", dest="skull_stripped", action="store_const", const=True,
+                           help="the input is skull-stripped: score its own brain (default: detected)")
+        skull.add_argument("--with-skull", dest="skull_stripped", action="store_const", const=False,
+                           help="the input has its skull: score the template's brain, mapped (default: detected)")
         command.add_argument("--accept-poor-alignment", action="store_true",
                              help="run even when the registered input does not look like the model's template "
                                   "(correlation under the cut-off: failed registration, non-brain, other contrast)")
@@ -239,7 +247,7 @@ def _run_options(args: argparse.Namespace, mask=None):
                       threshold=args.threshold, fpr=args.fpr, min_lesion_mm3=args.min_lesion_mm3,
                       bias_correction=args.n4, batch_size=args.batch_size,
                       accept_poor_alignment=args.accept_poor_alignment, precision=args.precision,
-                      diffusion={"noise_level": args.noise_level, "steps": args.diffusion_steps,
+                      skull_stripped=args.skull_stripped, diffusion={"noise_level": args.noise_level, "steps": args.diffusion_steps,
                                  "samples": args.samples, "noise": args.diffusion_noise})
 
 
@@ -249,7 +257,8 @@ def _run_settings(args: argparse.Namespace, package, options, input_path: Path |
             "device": args.device, "registered": options.registered,
             "mask": str(args.mask) if getattr(args, "mask", None) else None,
             "threshold": args.threshold, "fpr": args.fpr, "min_lesion_mm3": args.min_lesion_mm3,
-            "n4": bool(args.n4), "accept_poor_alignment": args.accept_poor_alignment, "batch_size": args.batch_size,
+            "n4": args.n4, "accept_poor_alignment": args.accept_poor_alignment, "batch_size": args.batch_size,
+            "skull_stripped": args.skull_stripped,
             "precision": args.precision, "noise_level": args.noise_level,
             "diffusion_steps": args.diffusion_steps, "samples": args.samples, "diffusion_noise": args.diffusion_noise}
 

@@ -179,8 +179,14 @@ def _lesion_table(labels: np.ndarray, box: Box, scores: np.ndarray, image: sitk.
         pz, py, px = (int(v) for v in peaks_zyx[index])
         lesions.append(Lesion(
             id=index + 1, voxels=int(sizes[index]), volume_ml=round(float(sizes[index]) * voxel_mm3 / 1000.0, 4),
-            max_score=round(float(values[first[index]]), 5), mean_score=round(float(means[index]), 5),
+            max_score=significant(values[first[index]]), mean_score=significant(means[index]),
             centroid_ras=(round(-lps[0], 2), round(-lps[1], 2), round(lps[2], 2)), peak_ijk=(px, py, pz),
             rejected=index + 1 in rejected_ids,
         ))
     return lesions
+
+
+def significant(value: float, digits: int = 6) -> float:
+    """Rounded to ``digits`` significant digits: what a saved MRML scene keeps of a table cell or a
+    display threshold, whatever the map's units (a residual near 0.1, a deviation near 10)."""
+    return float(f"{float(value):.{digits}g}")

@@ -39,6 +39,8 @@ class ModelSpaceInput:
     normalisation: Normalisation
     # Correlation of the registered input with the template inside the brain: see alignment_quality
     alignment: float = float("nan")
+    # Whether its tissues are ordered as the template's: see tissue_order
+    tissue_order: float = float("nan")
 
 
 def to_model_space(image: sitk.Image, template: Template, registration: Registration,
@@ -60,8 +62,10 @@ def bias_correct(image: sitk.Image, brain_mask: sitk.Image, shrink: int = 2) -> 
 
 
 def prepare_model_input(image: sitk.Image, template: Template, registration: Registration, normalisation: dict,
-                        brain_mask_on_input: sitk.Image | None = None, bias_correction: bool = False) -> ModelSpaceInput:
-    """Bring ``image`` into model space; the brain mask is the template's unless one is given."""
+                        brain_mask_on_input: sitk.Image | None = None, bias_correction: bool = False,
+                        mask_name: str = "the brain mask given (--mask)") -> ModelSpaceInput:
+    """Bring ``image`` into model space; the brain mask is the template's unless one is given
+    (``mask_name`` names it in the error when it does not fit the registered brain)."""
     resampled = to_model_space(image, template, registration)
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(image)
@@ -76,7 +80,7 @@ def prepare_model_input(image: sitk.Image, template: Template, registration: Reg
     if brain_mask_on_input is not None:
         mask = _inside(to_model_space(brain_mask_on_input, template, registration, sitk.sitkNearestNeighbor),
                        inside_field)
-        check_mask_fits(sitk.GetArrayFromImage(mask).astype(bool), template_brain)
+        check_mask_fits(sitk.GetArrayFromImage(mask).astype(bool), template_brain, mask_name)
     brain = sitk.GetArrayFromImage(mask).astype(bool)
     if bias_correction:
         resampled = bias_correct(resampled, mask)
@@ -87,8 +91,9 @@ def prepare_model_input(image: sitk.Image, template: Template, registration: Reg
     scale = Normalisation(float(lower), float(upper), tuple(normalisation["clip"]))
     normalised = np.where(brain, scale.forward(values), 0.0).astype(np.float32)
     # Judged on the template's brain whatever mask is given: a bad mask must not pass for a failed registration.
-    alignment = alignment_quality(sitk.GetArrayViewFromImage(template.image), values, template_brain)
-    return ModelSpaceInput(normalised, brain, scale, alignment)
+    template_values = sitk.GetArrayViewFromImage(template.image)
+    alignment = alignment_quality(template_values, values, template_brain)
+    return ModelSpaceInput(normalised, brain, scale, alignment, tissue_order(template_values, values, template_brain))
 
 
 def _inside(mask: sitk.Image, inside_field: sitk.Image) -> sitk.Image:
@@ -100,14 +105,15 @@ def _inside(mask: sitk.Image, inside_field: sitk.Image) -> sitk.Image:
 MIN_MASK_FIT = 0.5
 
 
-def check_mask_fits(mask: np.ndarray, template_brain: np.ndarray) -> None:
+def check_mask_fits(mask: np.ndarray, template_brain: np.ndarray,
+                    mask_name: str = "the brain mask given (--mask)") -> None:
     """Refuse a given brain mask that covers little of the registered brain or lies mostly outside
     it (another scan's mask, a lesion mask, a shifted grid), naming the mask, not the input."""
     overlap = int(np.logical_and(mask, template_brain).sum())
     covered, inside = overlap / max(int(template_brain.sum()), 1), overlap / max(int(mask.sum()), 1)
     if covered < MIN_MASK_FIT or inside < MIN_MASK_FIT:
         raise InputVolumeError(
-            f"the brain mask given (--mask) covers {covered:.0%} of the brain after registration and "
+            f"{mask_name} covers {covered:.0%} of the brain after registration and "
             f"{1 - inside:.0%} of it lies outside the brain: it is not this scan's brain mask; give the mask made "
             "from this scan (on its grid), or none to use the model's")
 
@@ -129,3 +135,32 @@ def alignment_quality(template_values: np.ndarray, input_values: np.ndarray, bra
     if a.size < 2 or a.std() == 0 or b.std() == 0:
         return 0.0
     return float(np.corrcoef(a, b)[0, 1])
+
+
+# The template's brain split by its own intensity: its darkest, middle and brightest bands (as
+# percentiles), which are tissues of different kinds in every contrast (CSF, white and grey matter
+# in some order), whatever the contrast.
+TISSUE_BANDS = ((0.0, 15.0), (40.0, 60.0), (80.0, 100.0))
+
+
+def tissue_order(template_values: np.ndarray, input_values: np.ndarray, brain: np.ndarray) -> float:
+    """Whether the registered input orders the template's tissues as the template does: the smaller
+    step between the input's medians over the template's dark, middle and bright bands, as a
+    fraction of the input's 5th-95th percentile range over the brain (> 0: same order).
+
+    The correlation alone cannot tell FLAIR from T1 (CSF is dark on both, and it dominates); the
+    order of grey and white matter can: a T1 scan given to a FLAIR model has its grey matter darker
+    than its white matter, the FLAIR template the other way round.
+    """
+    template_brain, values = template_values[brain], input_values[brain].astype(np.float64)
+    if values.size < 100:
+        return 0.0
+    edges = np.percentile(template_brain, [edge for band in TISSUE_BANDS for edge in band])
+    medians = []
+    for k in range(len(TISSUE_BANDS)):
+        inside = (template_brain >= edges[2 * k]) & (template_brain <= edges[2 * k + 1])
+        medians.append(float(np.median(values[inside])) if inside.any() else 0.0)
+    low, high = np.percentile(values, [5, 95])
+    if high <= low:
+        return 0.0
+    return float(min(medians[1] - medians[0], medians[2] - medians[1]) / (high - low))

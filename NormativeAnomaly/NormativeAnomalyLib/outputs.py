@@ -27,7 +27,7 @@ import slicerio
 
 from . import __version__
 from .errors import OutputError, one_line
-from .pipeline import AnomalyResult, alignment_cutoff
+from .pipeline import AnomalyResult, alignment_cutoff, tissue_order_minimum
 from .progress import Monitor
 from .report import write_report
 from .sitk_guard import is_utf8
@@ -285,7 +285,11 @@ def run_summary(result: AnomalyResult, settings: dict[str, Any]) -> dict[str, An
         "registration": {"kind": result.registration.kind, "final_metric": _finite(result.registration.metric),
                          # correlation with the template over the brain; runs under the cut-off are refused
                          "alignment": _finite(round(result.alignment, 4)),
-                         "alignment_cutoff": alignment_cutoff(card["modality"])},
+                         "alignment_cutoff": alignment_cutoff(card["modality"]),
+                         "tissue_order": _finite(round(result.tissue_order, 4)),
+                         "tissue_order_minimum": tissue_order_minimum(card["modality"]),
+                         # scored on the scan's own brain (skull-stripped) or on the template's, mapped
+                         "skull_stripped": result.skull_stripped},
         "threshold": result.segmentation.threshold,
         "threshold_healthy_fpr": result.threshold_fpr,
         "min_lesion_mm3": result.segmentation.min_lesion_mm3,

@@ -24,6 +24,7 @@ from .models.package import ModelPackage
 from .progress import Monitor
 from .registration import Registration, identity_registration, register_to_template
 from .scoring import anomaly_map as score_anomalies
+from .skull_stripping import brain_mask_of_stripped, looks_skull_stripped
 from .volume_io import validate_volume
 
 
@@ -31,11 +32,12 @@ from .volume_io import validate_volume
 class RunOptions:
     device: str = "auto"
     registered: bool = False  # the input is already in the template's space: skip registration
-    brain_mask: sitk.Image | None = None  # on the input's grid; default: the template's, mapped back
+    brain_mask: sitk.Image | None = None  # on the input's grid; default: the scan's own if skull-stripped, else the template's
+    skull_stripped: bool | None = None  # None: detect (skull_stripping.looks_skull_stripped)
     threshold: float | None = None  # anomaly-map units; default: the calibrated one at ``fpr``
     fpr: float | None = None  # healthy false-positive rate; default: the model card's
     min_lesion_mm3: float | None = None
-    bias_correction: bool | None = None  # default: the model card's
+    bias_correction: bool | None = None  # N4; default: the model card's (see bias_correction)
     batch_size: int | None = None  # slices per batch; default: the card's, or on CUDA sized from free memory
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 (or fp16) on a GPU, fp32 on the CPU
     # Diffusion models: overrides of the card's noise_level, steps, samples, noise (None: the card's)
@@ -67,6 +69,10 @@ class AnomalyResult:
     device_use: DeviceUse | None = None
     # Correlation of the registered input with the template inside the brain (model_space.alignment_quality)
     alignment: float = float("nan")
+    # Whether the scan was taken as skull-stripped (its own brain mask scored)
+    skull_stripped: bool = False
+    # Order of the template's tissues in the registered input (model_space.tissue_order)
+    tissue_order: float = float("nan")
 
     def resegment(self, threshold: float | None = None, min_lesion_mm3: float | None = None) -> Segmentation:
         """New threshold and/or minimum size, without re-running the model."""
@@ -129,6 +135,8 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
     threshold, threshold_fpr = resolve_threshold(package, options, monitor.notice)
     min_lesion_mm3 = card["scoring"]["min_lesion_mm3"] if options.min_lesion_mm3 is None else options.min_lesion_mm3
 
+    brain_mask, mask_name, skull_stripped = input_brain_mask(image, options)
+
     monitor.check()
     with _timed(seconds, "registration", monitor):
         if options.registered:
@@ -136,14 +144,21 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
         elif options.registration is not None:
             registration = options.registration
         else:
-            registration = register_to_template(image, template.image, card["preprocessing"]["registration"], monitor)
+            registration = register_to_template(image, template.brain_image if skull_stripped else template.image,
+                                                card["preprocessing"]["registration"], monitor)
     monitor.check()
     with _timed(seconds, "model_space", monitor):
-        bias = card["preprocessing"]["bias_correction"] if options.bias_correction is None else options.bias_correction
+        bias = bias_correction(card, options.bias_correction, skull_stripped)
         model_input = prepare_model_input(image, template, registration, card["preprocessing"]["normalisation"],
-                                          options.brain_mask, bias)
+                                          brain_mask, bias, mask_name)
         if not options.accept_poor_alignment:
-            check_alignment(model_input.alignment, card["modality"])
+            try:
+                check_alignment(model_input.alignment, card["modality"], model_input.tissue_order)
+            except RegistrationError as error:
+                if options.skull_stripped and options.brain_mask is None:  # the statement may be why
+                    raise RegistrationError(f"{error}; the scan was stated skull-stripped: one with its skull "
+                                            "is registered wrongly so (--with-skull)") from None
+                raise
     monitor.check()
     with _timed(seconds, "inference", monitor):
         inference = run_inference(package, model_input.image, model_input.brain_mask, device, monitor,
@@ -153,7 +168,7 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
     with _timed(seconds, "scoring", monitor):
         spacing_zyx = tuple(reversed(template.image.GetSpacing()))
         scores = score_anomalies(model_input.image, reconstruction, model_input.brain_mask, spacing_zyx,
-                                 card["scoring"])
+                                 card["scoring"], package.normative)
     monitor.check()
     with _timed(seconds, "to_input_grid", monitor):
         anomaly_map = to_input_grid(scores, template, registration, image)
@@ -170,16 +185,43 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
     seconds["total"] = round(sum(seconds.values()), 3)
     return AnomalyResult(image, pseudo_healthy, anomaly_map, brain_on_input, segmentation, threshold_fpr, package,
                          registration, inference.use.device, seconds, uncertainty, inference.use,
-                         model_input.alignment)
+                         model_input.alignment, skull_stripped, model_input.tissue_order)
+
+
+def bias_correction(card: dict, option: bool | None, skull_stripped: bool) -> bool:
+    """Whether N4 runs: the option if given, else the card's (``"with_skull"``: for scans with their
+    skull only: skull-stripped research scans have mostly been corrected before they were stripped,
+    and statistics fitted on them hold for them as they are)."""
+    setting = card["preprocessing"]["bias_correction"] if option is None else option
+    return (not skull_stripped) if setting == "with_skull" else bool(setting)
+
+
+def input_brain_mask(image: sitk.Image, options: RunOptions) -> tuple[sitk.Image | None, str, bool]:
+    """(brain mask on the input's grid or None for the template's, how to name it in an error, skull-stripped?)"""
+    if options.brain_mask is not None:
+        return options.brain_mask, "the brain mask given (--mask)", bool(options.skull_stripped)
+    stripped = looks_skull_stripped(image) if options.skull_stripped is None else options.skull_stripped
+    if not stripped:
+        return None, "", False
+    how = "stated skull-stripped" if options.skull_stripped else "it looks skull-stripped; --with-skull if it is not"
+    return brain_mask_of_stripped(image), f"the scan's own brain ({how})", True
 
 
 # Correlation of a registered input with its template over the brain (model_space.alignment_quality),
 # per contrast, measured by scripts/alignment_cutoff.py (docs/alignment.md) on real scans and on
-# failures. T1: real heads and real skull-stripped BraTS T1 scans 0.51 and above; heads stored upside
-# down or back to front, non-brain anatomy, noise, a partial field of view and other contrasts 0.43
-# and below. T2 correlates less with its template, lesions or not: real BraTS T2 scans 0.22 and
-# above; T2 scans stored upside down or back to front, FLAIR, T1 and non-brain inputs 0.13 and below.
-ALIGNMENT_CUTOFFS = {"T1": 0.45, "T2": 0.17}
+# failures, each registered as a run registers it. T1: real heads and real skull-stripped BraTS T1
+# scans 0.47 and above; scans stored upside down or back to front, non-brain anatomy, noise, a
+# partial field of view and other contrasts 0.40 and below. T2 correlates less with its template,
+# lesions or not: real BraTS T2 scans 0.20 and above; T2 scans stored upside down or back to front,
+# FLAIR, T1 and non-brain inputs 0.14 and below. FLAIR (a template synthesised from T1 and T2, which
+# real FLAIR resembles less): real BraTS FLAIR 0.15 and above; T2, noise and a chest 0.07 and below,
+# but FLAIR stored upside down or back to front 0.11-0.21: only some are refused.
+ALIGNMENT_CUTOFFS = {"T1": 0.45, "T2": 0.17, "FLAIR": 0.12}
+# The correlation cannot tell FLAIR from T1 (CSF is dark on both): the order of the template's tissues
+# in the input can (model_space.tissue_order). Measured: real scans of the model's contrast T1 +0.09
+# and above, T2 +0.04 and above, FLAIR -0.05 and above; T1 and T2 scans given to the FLAIR model
+# -0.06 and below (one BraTS T1 at -0.059 passes: the margin is kept on the side of real FLAIR).
+TISSUE_ORDER_MINIMA = {"T1": 0.0, "T2": 0.0, "FLAIR": -0.06}
 
 
 def alignment_cutoff(modality: str) -> float:
@@ -187,12 +229,23 @@ def alignment_cutoff(modality: str) -> float:
     return ALIGNMENT_CUTOFFS.get(modality, max(ALIGNMENT_CUTOFFS.values()))
 
 
-def check_alignment(alignment: float, modality: str) -> None:
+def tissue_order_minimum(modality: str) -> float:
+    """The least tissue order a run of a model of this contrast accepts (0: the template's order)."""
+    return TISSUE_ORDER_MINIMA.get(modality, 0.0)
+
+
+def check_alignment(alignment: float, modality: str, tissue_order: float = float("inf")) -> None:
     """Refuse a run whose registered input does not look like the model's template: a failed
     registration, non-brain anatomy or another contrast would otherwise give confident nonsense."""
     cutoff = alignment_cutoff(modality)
-    if alignment >= cutoff:
+    minimum = tissue_order_minimum(modality)
+    if alignment >= cutoff and tissue_order >= minimum:
         return
+    if alignment >= cutoff:
+        raise RegistrationError(
+            f"the registered input orders its tissues unlike the model's {modality} template (tissue order "
+            f"{tissue_order:.2f}, minimum {minimum} for {modality}; grey and white matter the other way round?): "
+            f"another contrast, not {modality}? Check the input, or run anyway with --accept-poor-alignment")
     if alignment <= -cutoff:
         why = f"its contrast looks inverted relative to the model's {modality} template (another modality?)"
     else:

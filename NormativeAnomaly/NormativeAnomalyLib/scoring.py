@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .normative import NormativeStatistics, deviation_map
+
 # Healthy false-positive rates at which calibration thresholds are stored (log-spaced).
 CALIBRATION_FPRS = tuple(float(f) for f in np.logspace(-5, np.log10(0.5), 41))
 
@@ -59,18 +61,31 @@ def scoring_mask(brain_mask: np.ndarray, spacing_zyx: tuple[float, float, float]
     return distance > erosion_mm
 
 
-def anomaly_map(image: np.ndarray, reconstruction: np.ndarray | None, brain_mask: np.ndarray,
-                spacing_zyx: tuple[float, float, float], settings: dict) -> np.ndarray:
-    """Residual, median-filtered, zero outside the eroded brain mask (model-space arrays).
-
-    With ``scan_normalisation: "median"`` the map is divided by the scan's own median residual
-    in the brain: a scan that is noisier or less like the training data than the calibration
-    scans then keeps the same healthy false-positive rate (lesions are too small to move the median).
-    """
+def residual_map(image: np.ndarray, reconstruction: np.ndarray | None, settings: dict) -> np.ndarray:
+    """The residual, median-filtered: what an anomaly map is made of (model-space arrays)."""
     score = residual(image, reconstruction, settings["residual"])
     if settings["median_filter_voxels"] > 1:
         score = ndimage.median_filter(score, size=settings["median_filter_voxels"])
+    return score.astype(np.float32)
+
+
+def anomaly_map(image: np.ndarray, reconstruction: np.ndarray | None, brain_mask: np.ndarray,
+                spacing_zyx: tuple[float, float, float], settings: dict,
+                normative: NormativeStatistics | None = None) -> np.ndarray:
+    """Residual, median-filtered, zero outside the eroded brain mask (model-space arrays).
+
+    With ``normative`` statistics (location-aware scoring) the map is the residual's deviation
+    above healthy scans at each place, in healthy spreads.
+    With ``scan_normalisation: "median"`` the map is divided by the scan's own median (residual,
+    or absolute deviation): a scan that is noisier or less like the training data than the
+    calibration scans then keeps the same healthy false-positive rate (lesions are too small to
+    move the median).
+    """
+    score = residual_map(image, reconstruction, settings)
     mask = scoring_mask(brain_mask, spacing_zyx, settings["mask_erosion_mm"])
-    if settings.get("scan_normalisation", "none") == "median" and mask.any():
+    scan_scaled = settings.get("scan_normalisation", "none") == "median"
+    if normative is not None:
+        return deviation_map(score, mask, normative, scan_scaled)
+    if scan_scaled and mask.any():
         score = score / max(float(np.median(score[mask])), 1e-6)
     return np.where(mask, score, 0.0).astype(np.float32)

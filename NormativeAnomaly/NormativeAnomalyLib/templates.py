@@ -27,6 +27,12 @@ class Template:
     folder: Path
 
     @property
+    def brain_image(self) -> sitk.Image:
+        """The template without its skull: what a skull-stripped scan is registered to (registering
+        it to a head with skull shrinks or stretches its brain into the skull)."""
+        return sitk.Mask(sitk.Cast(self.image, sitk.sitkFloat32), self.brain_mask)
+
+    @property
     def brain_mask_voxels(self) -> int:
         return int(sitk.GetArrayViewFromImage(self.brain_mask).astype(bool).sum())
 

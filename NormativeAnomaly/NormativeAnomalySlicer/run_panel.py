@@ -180,7 +180,8 @@ class RunPanel:
             self.handle = self.logic.startRun(parameters.inputVolume, parameters.modelName, parameters.device,
                                               parameters.alreadyInTemplateSpace, parameters.brainMask,
                                               diffusion=self._diffusionSettings(parameters),
-                                              acceptPoorAlignment=parameters.acceptPoorAlignment)
+                                              acceptPoorAlignment=parameters.acceptPoorAlignment,
+                                              skull=parameters.skull)
         except (OSError, RuntimeError, ValueError) as error:
             message = _("Could not start the analysis: {error}").format(error=error)
             self._showStatus(message)

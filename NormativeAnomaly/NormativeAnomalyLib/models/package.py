@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import ModelPackageError, one_line
+from ..normative import NormativeStatistics, read_statistics, write_statistics
 from ..scoring import Calibration
 from ..templates import Template, load_template, sha256_of
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # torch is imported only to load weights: listing models (Sli
     import torch
 
 CARD_FILE = "model.json"
+NORMATIVE_FILE = "normative.safetensors"
 MAX_CARD_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 2 << 30
 MAX_CARD_DEPTH = 32  # the schema needs 5 levels; deeper JSON only exhausts recursion
@@ -77,6 +79,8 @@ class ModelPackage:
     card: dict[str, Any]
     template: Template
     state_dict: dict[str, torch.Tensor] | None
+    # Location-aware scoring (scoring.normative in the card), or None
+    normative: NormativeStatistics | None = None
 
     @property
     def name(self) -> str:
@@ -228,7 +232,12 @@ def load_package(path: str | os.PathLike) -> ModelPackage:
     ):
         raise ModelPackageError(f"model '{card['name']}': its grid does not match template '{template.name}'")
     state_dict = _load_weights(path, card) if card["weights"] else None
-    return ModelPackage(path=path, card=card, template=template, state_dict=state_dict)
+    normative = None
+    if "normative" in card["scoring"]:
+        entry = card["scoring"]["normative"]
+        shape = tuple(reversed(grid["size"]))  # (z, y, x), as model-space arrays are
+        normative = read_statistics(_package_file(path, entry["file"]), entry["sha256"], shape, card["name"])
+    return ModelPackage(path=path, card=card, template=template, state_dict=state_dict, normative=normative)
 
 
 def _load_weights(package: Path, card: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -253,8 +262,10 @@ def _load_weights(package: Path, card: dict[str, Any]) -> dict[str, torch.Tensor
 
 
 def write_package(path: str | os.PathLike, card: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None,
-                  *, overwrite: bool = False) -> ModelPackage:
-    """Write card (+ weights) to a package folder and load it back to prove it is valid."""
+                  *, overwrite: bool = False, normative: NormativeStatistics | None = None) -> ModelPackage:
+    """Write card (+ weights, + normative statistics) to a package folder and load it back to prove it is valid.
+
+    With ``normative``, the card's ``scoring.normative`` entry (its ``data`` at least) gets the file and hash."""
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise ModelPackageError(f"{path} exists and is not empty; pass overwrite=True to replace it")
@@ -267,6 +278,10 @@ def write_package(path: str | os.PathLike, card: dict[str, Any], state_dict: dic
         tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
         (path / weights_file).write_bytes(save_safetensors(tensors))
         card["weights"] = {"file": weights_file, "sha256": sha256_of(path / weights_file)}
+    if normative is not None:
+        write_statistics(path / NORMATIVE_FILE, normative)
+        card["scoring"] = {**card["scoring"], "normative": {**card["scoring"]["normative"], "file": NORMATIVE_FILE,
+                                                           "sha256": sha256_of(path / NORMATIVE_FILE)}}
     validate_card(card, f"card for {path}")
     (path / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return load_package(path)

@@ -5,6 +5,7 @@ Works on whatever slice views the scene has (Slicer's, the web app's, or none).
 
 from __future__ import annotations
 
+from ..lesions import significant
 from .result_nodes import ResultNodes
 
 # Slicer's Inferno table when the application loaded it; PET-Heat is built into MRML.
@@ -25,8 +26,9 @@ def style_result(nodes: ResultNodes, color_logic=None) -> None:
     color_id = next((i for i in ANOMALY_COLOR_NODE_IDS if scene.GetNodeByID(i) is not None), None)
     if color_id:
         anomaly_display.SetAndObserveColorNodeID(color_id)
-    low = calibration.threshold_for_fpr(OVERLAY_FLOOR_FPR)
-    high = max(calibration.threshold_for_fpr(calibration.fpr[0]), low * 1.01 + 1e-6)
+    # Rounded as a saved scene keeps them, so a reopened scene shows the same voxels.
+    low = significant(calibration.threshold_for_fpr(OVERLAY_FLOOR_FPR))
+    high = significant(max(calibration.threshold_for_fpr(calibration.fpr[0]), low * 1.01 + 1e-6))
     anomaly_display.SetAutoWindowLevel(False)
     anomaly_display.SetWindowLevelMinMax(low, high)
     anomaly_display.SetApplyThreshold(True)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from NormativeAnomalyLib.background import BackgroundRun, RunState, run_command
+from NormativeAnomalyLib.background import SKULL_OPTIONS, BackgroundRun, RunState, run_command
 
 try:
     from slicer.i18n import tr as _
@@ -114,12 +114,16 @@ def diffusion_arguments(diffusion: Optional[dict[str, Any]], card: Optional[dict
 
 def start_run(input_volume, model_name: str, device: str, registered: bool, brain_mask, temp_root: str,
              python: Optional[str] = None, diffusion: Optional[dict[str, Any]] = None,
-             diffusion_card: Optional[dict[str, Any]] = None, accept_poor_alignment: bool = False) -> RunHandle:
+             diffusion_card: Optional[dict[str, Any]] = None, accept_poor_alignment: bool = False,
+             skull: str = "detect") -> RunHandle:
     """Write the input (and mask) to a new temporary folder and start the CLI on it; returns at once.
 
     ``diffusion`` (diffusion models only: the CLI refuses these options for other families) overrides
     the card's noise_level, steps, samples and noise; ``diffusion_card``, the card's own settings, is
-    what they are checked against (see diffusion_arguments)."""
+    what they are checked against (see diffusion_arguments). ``skull``: one of SKULL_OPTIONS."""
+    if skull not in SKULL_OPTIONS:
+        raise ValueError(_("Unknown skull setting {skull!r}: one of {options}.").format(
+            skull=skull, options=", ".join(SKULL_OPTIONS)))
     if input_volume is None or input_volume.GetImageData() is None:
         raise ValueError(_("Select an input volume that has image data."))
     if not model_name:
@@ -127,6 +131,7 @@ def start_run(input_volume, model_name: str, device: str, registered: bool, brai
     extra_args = diffusion_arguments(diffusion, diffusion_card)
     if accept_poor_alignment:
         extra_args.append("--accept-poor-alignment")
+    extra_args += SKULL_OPTIONS[skull]
     os.makedirs(temp_root, exist_ok=True)
     work_dir = tempfile.mkdtemp(prefix="NormativeAnomaly-", dir=temp_root)
     try:
