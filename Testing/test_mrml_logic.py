@@ -267,8 +267,8 @@ def test_lesion_table_lists_the_connected_components(scene_with_result, scores):
     for row, component in zip(rows, by_volume):
         inside = components == component + 1
         assert row["Volume"] == pytest.approx(sizes[component] * voxel_mm3 / 1000, abs=1e-4)
-        assert row["Max score"] == pytest.approx(values[inside].max(), abs=1e-5)
-        assert row["Mean score"] == pytest.approx(values[inside].mean(), abs=1e-5)
+        assert row["Max score"] == pytest.approx(values[inside].max(), rel=1e-5)  # 6 significant digits
+        assert row["Mean score"] == pytest.approx(values[inside].mean(), rel=1e-5)
         z, y, x = (float(np.mean(axis)) for axis in np.nonzero(inside))
         lps = input_image.TransformContinuousIndexToPhysicalPoint((x, y, z))
         assert (row["R"], row["A"], row["S"]) == pytest.approx((-lps[0], -lps[1], lps[2]), abs=0.01)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Volume flagged on real healthy heads at each model's default threshold: the false positives a user sees.
 
-    python scripts/healthy_heads.py [--models dae-t1 ...] [--n4]
+    python scripts/healthy_heads.py [--models dae-t1 ...] [--n4 card|on|off]
 
 The heads are the real single-subject T1 scans that ship in the repository (Testing/Data: ITK's
 KmeansTest head with skull, nibabel's small anatomical scan) and, where scripts/fetch_data.py
@@ -32,10 +32,10 @@ HEADS = {
 }
 
 
-def flagged_ml(model: str, path: Path, n4: bool) -> tuple[float, float]:
-    """(mL flagged at the default threshold, alignment)."""
+def flagged_ml(model: str, path: Path, n4: bool | None) -> tuple[float, float]:
+    """(mL flagged at the default threshold, alignment); ``n4`` None: the card's setting."""
     run = detect_anomalies(read_volume(path), resolve_model(model),
-                           RunOptions(device="cpu", accept_poor_alignment=True, bias_correction=n4 or None))
+                           RunOptions(device="cpu", accept_poor_alignment=True, bias_correction=n4))
     voxel_ml = float(np.prod(run.input_image.GetSpacing())) / 1000
     return float(run.segmentation.mask.sum()) * voxel_ml, run.alignment
 
@@ -43,7 +43,8 @@ def flagged_ml(model: str, path: Path, n4: bool) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", help="default: the default T1 model")
-    parser.add_argument("--n4", action="store_true", help="with N4 bias-field correction")
+    parser.add_argument("--n4", choices=["card", "on", "off"], default="card",
+                        help="N4 bias-field correction: as the model card says (default), always, never")
     args = parser.parse_args(argv)
     models = args.models or [entry["name"] for entry in available_models()
                              if entry["default_for_modality"] and resolve_model(entry["name"]).card["modality"] == "T1"]
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         cells = []
         for path in heads.values():
-            ml, alignment = flagged_ml(model, path, args.n4)
+            ml, alignment = flagged_ml(model, path, {"card": None, "on": True, "off": False}[args.n4])
             cells.append(f"{ml:.1f} mL (alignment {alignment:.2f})")
         print(f"| {model} | {' | '.join(cells)} |", flush=True)
     return 0
