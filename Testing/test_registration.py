@@ -151,6 +151,7 @@ BRATS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "bra
     ("Brats18_2013_11_1", "t2", "T2", 0, False),  # stored upside down
     ("Brats18_2013_11_1", "flair", "T2", None, False),  # another contrast for the T2 model
     ("Brats18_2013_23_1", "t1", "FLAIR", None, False),  # a T1 for the FLAIR model: the tissue order tells
+    ("Brats18_2013_11_1", "flair", "FLAIR", 0, False),  # upside down: the brain's shape tells
 ])
 def test_real_scans_pass_the_alignment_check_and_failures_do_not(case, contrast, modality, flip, passes):
     """Real skull-stripped scans with tumours are not refused; the same scans stored wrongly or of
@@ -173,11 +174,12 @@ def test_real_scans_pass_the_alignment_check_and_failures_do_not(case, contrast,
     prepared = prepare_model_input(image, template, registration,
                                    {"method": "percentile", "lower": 1.0, "upper": 99.0, "clip": [0.0, 1.5]},
                                    brain_mask, False, mask_name)
+    figures = (prepared.alignment, modality, prepared.tissue_order, prepared.brain_overlap)
     if passes:
-        check_alignment(prepared.alignment, modality, prepared.tissue_order)
+        check_alignment(*figures)
     else:
-        with pytest.raises(RegistrationError, match="correlates|orders its tissues"):
-            check_alignment(prepared.alignment, modality, prepared.tissue_order)
+        with pytest.raises(RegistrationError, match="correlates|orders its tissues|overlaps the template's brain"):
+            check_alignment(*figures)
 
 
 def test_the_tissue_order_tells_contrasts_apart_where_correlation_cannot(template):

@@ -25,10 +25,10 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "NormativeAnomaly"))
 
-from NormativeAnomalyLib.errors import NormativeAnomalyError  # noqa: E402
+from NormativeAnomalyLib.errors import NormativeAnomalyError, RegistrationError  # noqa: E402
 from NormativeAnomalyLib.model_space import prepare_model_input  # noqa: E402
-from NormativeAnomalyLib.pipeline import (TISSUE_ORDER_MINIMA, RunOptions, alignment_cutoff,  # noqa: E402
-                                          input_brain_mask, tissue_order_minimum)
+from NormativeAnomalyLib.pipeline import (MIN_BRAIN_OVERLAP, TISSUE_ORDER_MINIMA, RunOptions,  # noqa: E402
+                                          alignment_cutoff, check_alignment, input_brain_mask)
 from NormativeAnomalyLib.registration import register_to_template  # noqa: E402
 from NormativeAnomalyLib.simulation import chest_phantom  # noqa: E402
 from NormativeAnomalyLib.templates import load_template  # noqa: E402
@@ -118,14 +118,19 @@ def measure(template, modality: str, inputs: list[tuple[str, str, sitk.Image]]) 
             brain_mask, mask_name, stripped = input_brain_mask(image, RunOptions())
             registration = register_to_template(image, template.brain_image if stripped else template.image)
             prepared = prepare_model_input(image, template, registration, NORMALISATION, brain_mask, False, mask_name)
-            alignment, order = prepared.alignment, prepared.tissue_order
+            alignment, order, overlap = prepared.alignment, prepared.tissue_order, prepared.brain_overlap
             note = "(skull-stripped) " if stripped else ""
         except NormativeAnomalyError as error:  # refused before the alignment check
-            alignment, order, note = float("nan"), float("nan"), f"(refused before the check: {error})"
-        passed = bool(alignment >= cutoff and order >= tissue_order_minimum(modality))
+            alignment = order = overlap = float("nan")
+            note = f"(refused before the check: {error})"
+        try:
+            check_alignment(alignment, modality, order, overlap)
+            passed = bool(alignment == alignment)  # NaN: refused before the check
+        except RegistrationError:
+            passed = False
         verdict = "ok" if passed == (expected == "pass") else "WRONG"
         wrong += verdict == "WRONG"
-        rows.append(f"| {modality} | {name} | {expected} | {alignment:+.3f} | {order:+.3f} | "
+        rows.append(f"| {modality} | {name} | {expected} | {alignment:+.3f} | {order:+.3f} | {overlap:.3f} | "
                     f"{'passes' if passed else 'refused'} | "
                     f"{verdict} {note}|")
         print(rows[-1], flush=True)
@@ -148,15 +153,16 @@ def main() -> int:
             (flair, "FLAIR", (brats_cases(args.brats, "FLAIR") if brats else []) + other_contrast_cases(t1, t2))]:
         measured, mistakes = measure(template, modality, inputs)
         rows, wrong = rows + measured, wrong + mistakes
-    table = ["| template | input | should | correlation | tissue order | at its cut-offs | |",
-             "|---|---|---|---|---|---|---|"] + rows
+    table = ["| template | input | should | correlation | tissue order | brain overlap | at its cut-offs | |",
+             "|---|---|---|---|---|---|---|---|"] + rows
     if args.out:
         cutoffs = ", ".join(f"{m} {alignment_cutoff(m)}" for m in ("T1", "T2", "FLAIR"))
         args.out.write_text(
             "# Alignment check: measured correlations\n\nMade by `scripts/alignment_cutoff.py`. Correlation of the "
             "registered input with the model's template (ICBM 2009c T1 or T2, or the FLAIR-like template synthesised from them) over its brain; cut-offs per contrast: "
             f"{cutoffs}; and the order of the template's tissues in the input (`model_space.tissue_order`; minima "
-            f"{', '.join(f'{m} {v}' for m, v in TISSUE_ORDER_MINIMA.items())}). BraTS rows: real pre-operative gliomas from the BraTS 2018 development cases (Menze et al. "
+            f"{', '.join(f'{m} {v}' for m, v in TISSUE_ORDER_MINIMA.items())}); for a skull-stripped input, the "
+            f"Dice of its own brain, registered, with the template's (at least {MIN_BRAIN_OVERLAP}). BraTS rows: real pre-operative gliomas from the BraTS 2018 development cases (Menze et al. "
             "2015; Bakas et al. 2017, 2018), skull-stripped.\n\n" + "\n".join(table) + "\n")
     print(f"{len(rows) - wrong} of {len(rows)} inputs on the right side of their cut-off (or refused before it)")
     return 1 if wrong else 0

@@ -36,7 +36,8 @@ import SimpleITK as sitk
 
 from NormativeAnomalyLib.evaluation import auprc, best_dice, dice
 from NormativeAnomalyLib.models import available_models, resolve_model
-from NormativeAnomalyLib.pipeline import RunOptions, alignment_cutoff, detect_anomalies, tissue_order_minimum
+from NormativeAnomalyLib.errors import RegistrationError
+from NormativeAnomalyLib.pipeline import RunOptions, alignment_cutoff, check_alignment, detect_anomalies
 from NormativeAnomalyLib.training.normative import leave_out, scan_sums
 from NormativeAnomalyLib.volume_io import read_volume
 
@@ -103,6 +104,15 @@ def score_case(case: str, scores: np.ndarray, truth: np.ndarray, brain: np.ndarr
     return CaseScore(case, auprc(scores[brain], truth[brain]), best_dice(scores[brain], truth[brain])[0])
 
 
+def refused(run) -> bool:
+    """Whether a run (made with accept_poor_alignment) would have been refused by the alignment check."""
+    try:
+        check_alignment(run.alignment, run.model.card["modality"], run.tissue_order, run.brain_overlap)
+    except RegistrationError:
+        return True
+    return False
+
+
 def seen_cases(package) -> list[str]:
     """The cases a package's location statistics were fitted on (its card lists them)."""
     return list(package.card["scoring"].get("normative", {}).get("cases", []))
@@ -144,9 +154,7 @@ def evaluate_model(model: str, contrast: str, folder: Path, cases: list[str], ke
         score = score_case(case, scores, truth, brain)
         score.dice_calibrated = dice(predicted, truth)
         score.outside_ml = float((predicted & ~truth).sum() * np.prod(image.GetSpacing()) / 1000)
-        modality = package.card["modality"]
-        passes = run.alignment >= alignment_cutoff(modality) and run.tissue_order >= tissue_order_minimum(modality)
-        score.alignment, score.refused, score.seconds = run.alignment, not passes, seconds
+        score.alignment, score.refused, score.seconds = run.alignment, refused(run), seconds
         result.cases.append(score)
         if case == keep.get(contrast):
             keep[(contrast, package.name)] = (run.pseudo_healthy, run.anomaly_map, predicted,
@@ -189,7 +197,7 @@ def markdown(results: list[ModelScore], cases: list[str]) -> str:
              "gets by default; best Dice chooses the threshold with the expert label (optimistic). "
              "Refused: alignment under the cut-off "
              f"of the model's contrast ({', '.join(f'{m} {alignment_cutoff(m)}' for m in ('T1', 'T2', 'FLAIR'))}) "
-             "or tissue order under its minimum (docs/alignment.md); "
+             "or tissue order or brain overlap under its minimum (docs/alignment.md); "
              "such cases are still scored here. The scans are recognised as skull-stripped, registered to the "
              "template's brain and scored on their own brain, as a run does. No network was trained on these "
              "cases. A model with location statistics (location-aware scoring: the residual as a deviation from "

@@ -41,6 +41,8 @@ class ModelSpaceInput:
     alignment: float = float("nan")
     # Whether its tissues are ordered as the template's: see tissue_order
     tissue_order: float = float("nan")
+    # Dice of the given brain mask (registered) with the template's brain; NaN when none is given
+    brain_overlap: float = float("nan")
 
 
 def to_model_space(image: sitk.Image, template: Template, registration: Registration,
@@ -80,7 +82,11 @@ def prepare_model_input(image: sitk.Image, template: Template, registration: Reg
     if brain_mask_on_input is not None:
         mask = _inside(to_model_space(brain_mask_on_input, template, registration, sitk.sitkNearestNeighbor),
                        inside_field)
-        check_mask_fits(sitk.GetArrayFromImage(mask).astype(bool), template_brain, mask_name)
+        given = sitk.GetArrayFromImage(mask).astype(bool)
+        check_mask_fits(given, template_brain, mask_name)
+        brain_overlap = 2.0 * float((given & template_brain).sum()) / max(int(given.sum() + template_brain.sum()), 1)
+    else:
+        brain_overlap = float("nan")
     brain = sitk.GetArrayFromImage(mask).astype(bool)
     if bias_correction:
         resampled = bias_correct(resampled, mask)
@@ -93,7 +99,8 @@ def prepare_model_input(image: sitk.Image, template: Template, registration: Reg
     # Judged on the template's brain whatever mask is given: a bad mask must not pass for a failed registration.
     template_values = sitk.GetArrayViewFromImage(template.image)
     alignment = alignment_quality(template_values, values, template_brain)
-    return ModelSpaceInput(normalised, brain, scale, alignment, tissue_order(template_values, values, template_brain))
+    return ModelSpaceInput(normalised, brain, scale, alignment, tissue_order(template_values, values, template_brain),
+                           brain_overlap)
 
 
 def _inside(mask: sitk.Image, inside_field: sitk.Image) -> sitk.Image:

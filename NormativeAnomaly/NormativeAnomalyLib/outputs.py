@@ -288,6 +288,7 @@ def run_summary(result: AnomalyResult, settings: dict[str, Any]) -> dict[str, An
                          "alignment_cutoff": alignment_cutoff(card["modality"]),
                          "tissue_order": _finite(round(result.tissue_order, 4)),
                          "tissue_order_minimum": tissue_order_minimum(card["modality"]),
+                         "brain_overlap": _finite(round(result.brain_overlap, 4)),
                          # scored on the scan's own brain (skull-stripped) or on the template's, mapped
                          "skull_stripped": result.skull_stripped},
         "threshold": result.segmentation.threshold,
