@@ -116,7 +116,7 @@ def measure(template, modality: str, inputs: list[tuple[str, str, sitk.Image]]) 
         try:  # what a run does first: the input checks, registration, model space
             validate_volume(image)
             brain_mask, mask_name, stripped = input_brain_mask(image, RunOptions())
-            registration = register_to_template(image, template.brain_image if stripped else template.image)
+            registration = register_to_template(image, template.registration_target(stripped))
             prepared = prepare_model_input(image, template, registration, NORMALISATION, brain_mask, False, mask_name)
             alignment, order, overlap = prepared.alignment, prepared.tissue_order, prepared.brain_overlap
             note = "(skull-stripped) " if stripped else ""

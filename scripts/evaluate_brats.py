@@ -25,6 +25,7 @@ Data: BraTS 2018 (Menze et al. 2015, Bakas et al. 2017 and 2018); see the data f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import time
@@ -131,7 +132,7 @@ def evaluate_model(model: str, contrast: str, folder: Path, cases: list[str], ke
     if seen:
         # Location statistics fitted on these cases: each is scored by a package fitted without it.
         settings = package.card["scoring"]["normative"]
-        plain = type(package)(package.path, package.card, package.template, package.state_dict)
+        plain = dataclasses.replace(package, normative=None)
         print(f"  {package.name} saw {len(seen)} of these cases: refitting without each", flush=True)
         for case in seen_cases(package):
             if not (folder / f"{case}_{contrast}.nii.gz").is_file():
@@ -163,7 +164,7 @@ def evaluate_model(model: str, contrast: str, folder: Path, cases: list[str], ke
               f"{score.dice_calibrated:.3f}, {score.outside_ml:.1f} mL outside, alignment {score.alignment:.2f}, "
               f"{seconds:.1f} s", flush=True)
         if package.normative is not None:
-            plain = type(package)(package.path, package.card, package.template, package.state_dict)
+            plain = dataclasses.replace(package, normative=None)
             plain_run = detect_anomalies(image, plain, RunOptions(device="cpu", accept_poor_alignment=True,
                                                                   registration=run.registration,
                                                                   skull_stripped=skull_stripped))

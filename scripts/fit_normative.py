@@ -17,6 +17,7 @@ without it. The card lists the cases: an evaluation on them must leave them out
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shutil
 import sys
@@ -110,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         template = load_template(args.template)
         if list(template.image.GetSize()) != package.card["grid"]["size"]:
             raise SystemExit(f"template {args.template} is not on {package.name}'s grid")
-        package = type(package)(package.path, {**package.card, "template": {"name": args.template}}, template,
-                                package.state_dict)
+        package = dataclasses.replace(package, card={**package.card, "template": {"name": args.template}},
+                                      template=template)
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise SystemExit(f"{args.out} exists and is not empty; pass --overwrite to replace it")
     scoring = {key: value for key, value in package.card["scoring"].items() if key != "normative"}
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                                                ("description", args.description), ("license", args.license)) if value})
     if args.training_data:
         card["training"] = {"data": args.training_data, "script": "scripts/fit_normative.py"}
-    plain = type(package)(package.path, card, package.template, package.state_dict)  # residuals without statistics
+    plain = dataclasses.replace(package, card=card, normative=None)  # residuals without statistics
 
     print(f"{package.name}: residuals of {args.data} (*{args.suffix})", flush=True)
     sums = collect_sums(plain, args.data, args.suffix, args.smoothing_mm, args.margin_mm)

@@ -146,17 +146,18 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
         elif options.registration is not None:
             registration = options.registration
         else:
-            registration = register_to_template(image, template.brain_image if skull_stripped else template.image,
+            registration = register_to_template(image, template.registration_target(skull_stripped),
                                                 card["preprocessing"]["registration"], monitor)
     monitor.check()
     with _timed(seconds, "model_space", monitor):
         bias = bias_correction(card, options.bias_correction, skull_stripped)
         model_input = prepare_model_input(image, template, registration, card["preprocessing"]["normalisation"],
                                           brain_mask, bias, mask_name)
+        # A given mask has its own fit check (model_space.check_mask_fits); a stripped scan's own brain this one.
+        brain_overlap = model_input.brain_overlap if options.brain_mask is None else float("nan")
         if not options.accept_poor_alignment:
             try:
-                check_alignment(model_input.alignment, card["modality"], model_input.tissue_order,
-                                model_input.brain_overlap if options.brain_mask is None else float("nan"))
+                check_alignment(model_input.alignment, card["modality"], model_input.tissue_order, brain_overlap)
             except RegistrationError as error:
                 if options.skull_stripped and options.brain_mask is None:  # the statement may be why
                     raise RegistrationError(f"{error}; the scan was stated skull-stripped: one with its skull "
@@ -188,8 +189,7 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
     seconds["total"] = round(sum(seconds.values()), 3)
     return AnomalyResult(image, pseudo_healthy, anomaly_map, brain_on_input, segmentation, threshold_fpr, package,
                          registration, inference.use.device, seconds, uncertainty, inference.use,
-                         model_input.alignment, skull_stripped, model_input.tissue_order,
-                         model_input.brain_overlap if options.brain_mask is None else float("nan"))
+                         model_input.alignment, skull_stripped, model_input.tissue_order, brain_overlap)
 
 
 def bias_correction(card: dict, option: bool | None, skull_stripped: bool) -> bool:

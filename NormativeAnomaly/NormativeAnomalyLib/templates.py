@@ -32,6 +32,10 @@ class Template:
         it to a head with skull shrinks or stretches its brain into the skull)."""
         return sitk.Mask(sitk.Cast(self.image, sitk.sitkFloat32), self.brain_mask)
 
+    def registration_target(self, skull_stripped: bool) -> sitk.Image:
+        """What an input is registered to: the template's brain for a skull-stripped scan, else the head."""
+        return self.brain_image if skull_stripped else self.image
+
     @property
     def brain_mask_voxels(self) -> int:
         return int(sitk.GetArrayViewFromImage(self.brain_mask).astype(bool).sum())

@@ -106,7 +106,7 @@ def scan_sums(package, image, lesion_on_input, case: str, smoothing_mm: float,
     card, template = package.card, package.template
     brain_mask, mask_name, stripped = input_brain_mask(image, RunOptions(skull_stripped=skull_stripped))
     if registration is None:
-        registration = register_to_template(image, template.brain_image if stripped else template.image,
+        registration = register_to_template(image, template.registration_target(stripped),
                                             card["preprocessing"]["registration"])
     model_input = prepare_model_input(image, template, registration, card["preprocessing"]["normalisation"],
                                       brain_mask, bias_correction(card, None, stripped), mask_name)
