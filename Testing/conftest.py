@@ -45,8 +45,10 @@ def tiny_t1_path() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_paths() -> tuple[Path, Path]:
-    folder = REPO / "Resources" / "SampleData"
-    return folder / "demo_t1.nii.gz", folder / "demo_lesion_mask.nii.gz"
+    from NormativeAnomalyLib.resources import demo_case
+
+    demo = demo_case()
+    return demo.image, demo.lesion_mask
 
 
 @pytest.fixture(scope="session")

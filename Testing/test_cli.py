@@ -26,6 +26,7 @@ import pytest
 import SimpleITK as sitk
 
 from NormativeAnomalyLib.models import default_model_name, resolve_model
+from NormativeAnomalyLib.resources import demo_case
 
 REPO = Path(__file__).resolve().parent.parent
 LIBRARY_ROOT = REPO / "NormativeAnomaly"
@@ -179,7 +180,7 @@ def test_demo(tmp_path):
     assert "demo_dice" in summary
     dice = summary["demo_dice"]
     assert dice is None or 0.0 <= dice <= 1.0
-    assert Path(summary["input"]).name == "demo_t1.nii.gz"
+    assert Path(summary["input"]).name == demo_case().image.name
     assert summary["model"]["name"] == default_model_name()
     assert summary["demo_dice"] > 0.02  # the default model's segmentation overlaps the lesion (baseline: 0.000)
 

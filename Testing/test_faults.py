@@ -3,6 +3,7 @@ write that fails half-way. Each leaves either the previous outputs or the comple
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from test_cli import LIBRARY_ROOT, assert_ok, run_cli, snapshot
 
+from NormativeAnomalyLib.lesions import segment_anomalies
 from NormativeAnomalyLib.outputs import OUTPUT_FILES, output_lock
 
 pytestmark = pytest.mark.reliability
@@ -170,7 +172,10 @@ def test_failed_swap_restores_the_previous_set(failing_move, tmp_path, monkeypat
 
     monkeypatch.setattr(os, "rename", flaky(real_rename))
     monkeypatch.setattr(os, "replace", flaky(real_replace))
-    result.resegment(threshold=result.model.calibration.threshold_for_fpr(0.05))
+    threshold = result.model.calibration.threshold_for_fpr(0.05)
+    result = dataclasses.replace(result, segmentation=segment_anomalies(result.anomaly_map, threshold,
+                                                                        result.segmentation.min_lesion_mm3),
+                                 threshold_fpr=result.model.calibration.fpr_for_threshold(threshold))
     with pytest.raises(OutputError) as error:
         outputs.write_outputs(result, out, overwrite=True)
     monkeypatch.undo()

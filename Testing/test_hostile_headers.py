@@ -25,12 +25,13 @@ import SimpleITK as sitk
 from test_cli import LIBRARY_ROOT, REPO, assert_ok, read_json, run_cli
 
 from NormativeAnomalyLib.errors import InputVolumeError
+from NormativeAnomalyLib.resources import demo_case
 from NormativeAnomalyLib.volume_io import read_mask, read_volume, validate_volume
 from NormativeAnomalyWeb.files import FileAccess
 
 pytestmark = pytest.mark.reliability
 
-DEMO = REPO / "Resources" / "SampleData" / "demo_t1.nii.gz"
+DEMO = demo_case().image
 TINY = REPO / "Testing" / "Data" / "nibabel_anatomical.nii.gz"
 TEMPLATE = REPO / "Resources" / "Templates" / "icbm152_2009c_t1_2mm"
 FAST_MODEL = "intensity-t1"  # these cases are about the input, not the network

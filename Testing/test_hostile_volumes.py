@@ -13,12 +13,12 @@ import pytest
 import SimpleITK as sitk
 from test_cli import REPO, assert_ok, read_json, run_cli
 
+from NormativeAnomalyLib.resources import demo_case
 from NormativeAnomalyLib.simulation import chest_phantom
 
 pytestmark = pytest.mark.reliability
 
-DEMO = REPO / "Resources" / "SampleData" / "demo_t1.nii.gz"
-DEMO_MASK = REPO / "Resources" / "SampleData" / "demo_lesion_mask.nii.gz"
+DEMO, DEMO_MASK = demo_case().image, demo_case().lesion_mask
 T2_TEMPLATE = REPO / "Resources" / "Templates" / "icbm152_2009c_t2_2mm" / "image.nii.gz"
 FAST_MODEL = "intensity-t1"  # these cases are about the input, not the network
 

@@ -193,3 +193,24 @@ def test_on_a_real_flair_scan_statistics_from_two_other_patients_beat_its_intens
     intensity_alone = auprc(((values - low) / (high - low))[brain], truth[brain])
     located = auprc(sitk.GetArrayFromImage(run.anomaly_map)[brain], truth[brain])
     assert located > intensity_alone, (located, intensity_alone)
+
+
+def test_each_case_is_scored_by_a_network_that_did_not_learn_from_it(trained_dae):
+    from NormativeAnomalyLib.evaluation import package_for
+    from NormativeAnomalyLib.training.normative import fold_networks
+
+    def trained_on(cases, **card):
+        training = {**trained_dae.card["training"], "cases": cases}
+        return dataclasses.replace(trained_dae, card={**trained_dae.card, **card, "training": training})
+
+    scoring = {**trained_dae.card["scoring"], "residual": "positive", "scan_normalisation": "median"}
+    shipped = trained_on(["a", "b", "c", "d"], scoring=scoring)
+    fold_ab, fold_cd = trained_on(["a", "b"]), trained_on(["c", "d"])
+    networks = fold_networks(shipped, [fold_ab, fold_cd])
+    assert [package_for(case, networks).card["training"]["cases"] for case in "abce"] == \
+        [["c", "d"], ["c", "d"], ["a", "b"], ["a", "b", "c", "d"]]
+    # A fold lends only its network: it is scored and calibrated as the shipped package is.
+    assert all(n.card["scoring"] == scoring and n.normative is None for n in networks)
+    assert networks[1].state_dict is fold_ab.state_dict
+    with pytest.raises(ValueError, match="learnt from a and none of its folds"):
+        package_for("a", fold_networks(shipped, [fold_ab]))

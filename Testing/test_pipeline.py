@@ -55,15 +55,6 @@ def test_default_threshold_flags_about_the_calibrated_rate_on_the_calibration_sc
     assert np.mean(scores[defined] > result.segmentation.threshold) == pytest.approx(0.01, abs=0.006)
 
 
-def test_resegment_matches_segmenting_from_scratch(dae_result):
-    result, _ = dae_result
-    threshold = result.model.calibration.threshold_for_fpr(0.05)
-    fresh = segment_anomalies(result.anomaly_map, threshold, 20.0)
-    again = result.resegment(threshold=threshold, min_lesion_mm3=20.0)
-    np.testing.assert_array_equal(fresh.labels, again.labels)
-    assert result.threshold_fpr == pytest.approx(0.05, rel=1e-3)
-
-
 def test_cancel_stops_the_run(trained_dae, template_t1_path):
     image = read_volume(template_t1_path)
     calls = {"n": 0}

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from NormativeAnomalyLib.lesions import LesionSegmenter, segment_anomalies
-from NormativeAnomalyLib.scoring import Calibration, anomaly_map, residual, scoring_mask
+from NormativeAnomalyLib.scoring import Calibration, anomaly_map, residual, residual_map, scoring_mask
 
 
 def test_calibration_thresholds_give_their_false_positive_rates():
@@ -26,6 +26,17 @@ def test_residual_modes():
     np.testing.assert_allclose(residual(image, recon, "positive"), [0.5, 0.0, 0.0])
     np.testing.assert_allclose(residual(image, recon, "negative"), [0.0, 0.4, 0.0])
     np.testing.assert_allclose(residual(image, None, "positive"), image)
+
+
+def test_input_weight_adds_the_inputs_own_signed_intensity_to_a_signed_residual():
+    image, recon = np.array([1.2, 0.2, 0.5]), np.array([0.6, 0.6, 0.5])
+    settings = {"residual": "positive", "median_filter_voxels": 0, "input_weight": 0.5}
+    np.testing.assert_allclose(residual_map(image, recon, settings), [0.6 + 0.6, 0.1, 0.25], rtol=1e-6)
+    np.testing.assert_allclose(residual_map(image, recon, dict(settings, residual="negative")),
+                               [-0.6, 0.4 - 0.1, -0.25], rtol=1e-6)
+    np.testing.assert_allclose(residual_map(image, None, settings), image, rtol=1e-6)  # intensity is the score already
+    with pytest.raises(ValueError, match="signed residual"):
+        residual_map(image, recon, dict(settings, residual="absolute"))
 
 
 def test_anomaly_map_is_zero_outside_the_eroded_brain():

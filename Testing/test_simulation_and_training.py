@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
-from conftest import micro_training_config
+from conftest import micro_training_config, sitk_from_array
 from NormativeAnomalyLib.inference import reconstruct
 from NormativeAnomalyLib.model_space import prepare_model_input
 from NormativeAnomalyLib.models import load_package
@@ -113,3 +115,104 @@ def test_recalibration_on_other_healthy_data_rewrites_only_the_calibration(train
         {k: v for k, v in trained_dae.card.items() if k != "calibration"}
     for key, value in trained_dae.state_dict.items():
         torch.testing.assert_close(after.state_dict[key], value)
+
+
+# --- Patients' scans lend their healthy tissue: the lesion and its margin stay out of the loss ---
+
+@pytest.fixture(scope="module")
+def patient_case(template, tmp_path_factory):
+    """A folder with one 'patient': the template head with a labelled 8 mm ball (label only:
+    what matters is which voxels the loss may use)."""
+    folder = tmp_path_factory.mktemp("patients")
+    brain = sitk.GetArrayFromImage(template.brain_mask).astype(bool)
+    centre = np.array(ndimage.center_of_mass(brain)).round().astype(int) + [0, 0, 12]
+    z, y, x = np.indices(brain.shape)
+    ball = ((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2) * 4.0 <= 8.0 ** 2
+    sitk.WriteImage(template.image, str(folder / "p1_t1.nii.gz"))
+    sitk.WriteImage(sitk_from_array(ball.astype(np.uint8), template.image), str(folder / "p1_seg.nii.gz"))
+    return folder, ball
+
+
+def test_a_patients_lesion_and_its_margin_stay_out_of_the_loss(template, patient_case):
+    from NormativeAnomalyLib.training.data import load_lesion_cases
+    from NormativeAnomalyLib.training.loop import DEFAULT_NORMALISATION
+
+    folder, ball = patient_case
+    config = {"train_cases": {"data": str(folder), "suffix": "_t1.nii.gz", "cases": ["p1"], "repeat": 3}}
+    volumes = load_lesion_cases(config, template, DEFAULT_NORMALISATION)
+    assert len(volumes) == 3  # listed `repeat` times
+    image, brain, in_loss = volumes[0]
+    distance = ndimage.distance_transform_edt(~ball, sampling=2.0)
+    assert not in_loss[distance <= 8.0].any()  # the lesion and (registration aside) its 10 mm margin
+    assert in_loss[distance >= 12.0].all()
+    assert brain[ball].all() and image[brain].std() > 0.1
+
+
+def test_slices_mostly_excluded_from_the_loss_are_dropped_and_the_loss_ignores_them():
+    from NormativeAnomalyLib.training.data import draw_batch, training_samples
+    from NormativeAnomalyLib.training.objectives import masked_mse
+
+    image = np.random.default_rng(0).random((4, 8, 8)).astype(np.float32)
+    brain = np.ones((4, 8, 8), bool)
+    brain[0] = False  # no brain: never a sample
+    in_loss = np.ones((4, 8, 8), bool)
+    in_loss[2, :5] = False  # 5/8 of the slice's brain excluded: dropped
+    in_loss[3, :3] = False  # 3/8 excluded: kept, those rows weighted 0
+    samples, weights = training_samples([(image, brain, in_loss)], dims=2)
+    np.testing.assert_array_equal(samples.float().numpy(), image[[1, 3]].astype(np.float16).astype(np.float32))
+    assert weights is not None and not weights[1, :3].any() and weights[1, 3:].all() and weights[0].all()
+    assert training_samples([(image, brain)], dims=2)[1] is None  # healthy volumes: every voxel counts
+
+    batch, weight = draw_batch(samples, 5, torch.Generator().manual_seed(0), weights)
+    assert batch.shape == weight.shape == (5, 1, 8, 8)
+    wrong_where_excluded = batch + (1 - weight) * 3.0
+    assert masked_mse(wrong_where_excluded, batch, weight) == 0
+    assert masked_mse(batch + weight * 0.1, batch, weight) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_fine_tuning_on_patients_starts_from_the_package_and_the_card_names_the_cases(trained_dae, patient_case,
+                                                                                       template_t1_path, tmp_path):
+    from NormativeAnomalyLib.training import train_model
+
+    folder, _ = patient_case
+    config = micro_training_config("dae-patients", template_t1_path, steps=0, out=str(tmp_path / "tuned"),
+                                   network=trained_dae.card["network"], initialise_from=str(trained_dae.path),
+                                   train_volumes=[],
+                                   train_cases={"data": str(folder), "suffix": "_t1.nii.gz", "cases": ["p1"]})
+    tuned = train_model(config)
+    assert tuned.card["training"]["cases"] == ["p1"]
+    assert tuned.card["training"]["initialised_from"]["sha256"] == trained_dae.card["weights"]["sha256"]
+    for key, value in trained_dae.state_dict.items():  # no step taken: the starting weights
+        torch.testing.assert_close(tuned.state_dict[key], value)
+    with pytest.raises(ValueError, match="network differs"):
+        train_model(dict(config, network=micro_training_config("x", template_t1_path)["network"],
+                         out=str(tmp_path / "other")))
+
+
+def test_every_shipped_training_config_loads_and_builds_its_network():
+    from NormativeAnomalyLib.models.networks import build_network
+    from NormativeAnomalyLib.training import FAMILIES
+    from NormativeAnomalyLib.training.config import load_config
+
+    folder = Path(__file__).resolve().parent.parent / "scripts" / "configs"
+    paths = sorted(folder.glob("*.json"))
+    assert {p.stem for p in paths} >= {"dae_t1", "dae_t2", "dae_flair", "dae_t1_gpu", "dae_t2_gpu", "dae_flair_gpu"}
+    for path in paths:
+        config = load_config(path)
+        assert config.get("family", "dae") in FAMILIES and "extends" not in config, path.name
+        with torch.device("meta"):
+            build_network(config["network"])
+        assert all(Path(config[key]).is_absolute() for key in ("out", "checkpoint") if key in config)
+        if path.stem.endswith("_gpu"):  # varies its CPU config: same model, on a GPU, its own outputs
+            cpu = load_config(folder / f"{path.stem[:-4]}.json")
+            assert config["device"] == "cuda" and config["name"] == cpu["name"]
+            assert config["train_cases"] == cpu.get("train_cases") and config["checkpoint"] != cpu["checkpoint"]
+
+
+def test_a_gpu_config_on_a_machine_without_one_says_so(template_t1_path, tmp_path, monkeypatch):
+    from NormativeAnomalyLib.training import train_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="asks for a GPU"):
+        train_model(micro_training_config("dae-gpu", template_t1_path, steps=1, device="cuda",
+                                          out=str(tmp_path / "gpu")))

@@ -4,7 +4,7 @@ The server runs as users start it, in its own process on a free loopback port. W
 shows is checked against the server's own state (the segment's voxel count is read back from
 the segmentation node) and against files downloaded through the page (read with slicerio and
 SimpleITK), and those against the anomaly map recomputed here.
-Screenshots go to out/screenshots/ (README's screenshot is one of them).
+Screenshots go to out/screenshots/ (docs/web.md's screenshot is one of them).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def test_demo_in_the_browser(served, tmp_path):
         wait_for_frame(page, 0, axial_frames)
         assert "bg-blue-lighten-4" in last.get_attribute("class")
         wait_for_quiet(page)
-        screenshot(page, "slicer-views.png")  # README's picture of the views (docs/images/slicer_views.png)
+        screenshot(page, "slicer-views.png")  # docs/slicer.md's picture of the views (docs/images/slicer_views.png)
 
         # Reject it: it stays in the table as rejected and leaves the segment.
         volume_ml = float(last.locator("td").nth(1).inner_text())

@@ -20,6 +20,7 @@ from NormativeAnomalyLib.mrml import run_controller  # noqa: E402
 from NormativeAnomalyLib.mrml.lesion_table import read_lesion_table  # noqa: E402
 from NormativeAnomalyLib.mrml.scene import create_scene  # noqa: E402
 from NormativeAnomalyLib.mrml.volumes import load_volume_file  # noqa: E402
+from NormativeAnomalyLib.resources import demo_case  # noqa: E402
 from NormativeAnomalyWeb.files import FileAccess, safe_name  # noqa: E402
 from NormativeAnomalyWeb.session import AnalysisSession, SessionError  # noqa: E402
 
@@ -27,6 +28,7 @@ from test_mrml_logic import segment_on_input_grid  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = REPO / "Resources" / "SampleData"
+DEMO = demo_case()
 
 
 @pytest.fixture
@@ -51,7 +53,7 @@ def test_only_shared_volumes_are_listed_and_readable(files, tmp_path, real_t1_he
     (shared / "link.nii.gz").symlink_to(outside)  # a link leading out of the shared folder
 
     labels = [choice.label for choice in access.volumes()]
-    assert "shared/case.nii.gz" in labels and "SampleData/demo_t1.nii.gz" in labels
+    assert "shared/case.nii.gz" in labels and f"SampleData/{DEMO.image.name}" in labels
     assert not any("link" in label or "notes" in label for label in labels)
     assert access.resolve(shared / "case.nii.gz") == (shared / "case.nii.gz").resolve()
     for case, path, message in (("a file outside the shared folders", outside, "not in a folder this server shares"),
@@ -115,7 +117,7 @@ def test_web_and_slicer_module_give_the_same_segmentation(files, demo_paths):
     # The web app's path, on trame-slicer's scene.
     app = SlicerApp()
     session = AnalysisSession(app.scene, access)
-    session.load(SAMPLE_DATA / "demo_t1.nii.gz")
+    session.load(DEMO.image)
     session.start(model)
     _wait(session)
     web = session.finish()
@@ -155,7 +157,7 @@ def test_session_refuses_out_of_order_requests_and_cancel_leaves_nothing(files, 
         session.start(default_model_name())
     with pytest.raises(SessionError, match="run a model first"):
         session.update(threshold=0.1)
-    session.load(SAMPLE_DATA / "demo_t1.nii.gz")
+    session.load(DEMO.image)
     with pytest.raises(SessionError, match="unknown model"):
         session.start("no-such-model")
     nodes_before = standalone.scene.GetNumberOfNodes()
@@ -163,14 +165,14 @@ def test_session_refuses_out_of_order_requests_and_cancel_leaves_nothing(files, 
     with pytest.raises(SessionError, match="already going"):
         session.start(default_model_name())
     with pytest.raises(SessionError, match="wait for the run"):
-        session.load(SAMPLE_DATA / "demo_t1.nii.gz")
+        session.load(DEMO.image)
     session.cancel()
     assert not session.running and session.results == []
     assert standalone.scene.GetNumberOfNodes() == nodes_before
     assert not any((access.work_dir / "runs").iterdir())  # the run's temporary folder is gone
     # A bad volume leaves the loaded input in place.
     with pytest.raises(InputVolumeError, match="label map") as label_map:
-        session.load(SAMPLE_DATA / "demo_lesion_mask.nii.gz")
+        session.load(DEMO.lesion_mask)
     assert session.input_volume is not None and session.input_volume.GetName() == "demo_t1"
     session.close()
     standalone.close()

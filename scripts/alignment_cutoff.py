@@ -30,6 +30,7 @@ from NormativeAnomalyLib.model_space import prepare_model_input  # noqa: E402
 from NormativeAnomalyLib.pipeline import (MIN_BRAIN_OVERLAP, TISSUE_ORDER_MINIMA, RunOptions,  # noqa: E402
                                           alignment_cutoff, check_alignment, input_brain_mask)
 from NormativeAnomalyLib.registration import register_to_template  # noqa: E402
+from NormativeAnomalyLib.resources import demo_case  # noqa: E402
 from NormativeAnomalyLib.simulation import chest_phantom  # noqa: E402
 from NormativeAnomalyLib.templates import load_template  # noqa: E402
 from NormativeAnomalyLib.volume_io import validate_volume  # noqa: E402
@@ -51,7 +52,7 @@ def cases(template) -> list[tuple[str, str, sitk.Image]]:
     read = lambda path: sitk.ReadImage(str(path), sitk.sitkFloat32)  # noqa: E731
     head = read(REPO / "Testing" / "Data" / "itk_kmeans_t1.nii.gz")
     found = [("real T1 head, 2x2x3 mm (ITK KmeansTest)", "pass", head),
-             ("demo case (template-derived, with a lesion)", "pass", read(REPO / "Resources/SampleData/demo_t1.nii.gz"))]
+             ("demo case (template-derived, with a lesion)", "pass", read(demo_case().image))]
     for name, path in [("Colin27 T1 (brain only)", "colin27/t1_brain.nii"), ("OASIS-30 T1 template", "oasis30/t1.nii.gz"),
                        ("MNI152 6th gen T1", "mni152_6thgen/t1.nii.gz")]:
         if (RAW / path).is_file():

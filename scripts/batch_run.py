@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from NormativeAnomalyLib.resources import demo_case
+
 REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / "Resources" / "SampleData" / "demo_t1.nii.gz"
+DEMO = demo_case().image
 
 
 def build_cohort(folder: Path, count: int, seed: int = 0) -> list[Path]:

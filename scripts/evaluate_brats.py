@@ -3,6 +3,7 @@
 
     python scripts/evaluate_brats.py [--data ../shared/data/brats-dev] [--out docs/evaluation]
                                      [--contrasts t1 t2 flair] [--models NAME ...] [--cases N]
+                                     [--folds FOLDER ...]
 
 For each contrast (the models whose card names that modality, or ``--models``) every case goes
 through the full pipeline exactly as ``normative-anomaly run`` (registration, the model, scoring,
@@ -17,7 +18,10 @@ counted as a refusal. Per model, as the mean over cases (as the data set's ancho
 The target is the whole tumour (label > 0), scored within the brain (voxels > 0: the cases are
 skull-stripped, and those out-of-brain zeros would inflate every score). "Intensity alone" is the
 contrast normalised between its 1st and 99th brain percentiles, bright for FLAIR and T2, dark for
-T1: the row to beat. Writes brats.md, brats.json and brats.png into ``--out``.
+T1: the row to beat. A model never scores a case it learnt from: a network trained on some of
+these cases (its card's ``training.cases``) scores each case with a package of the same model that
+did not see it (``--folds``: the other folds' packages), and location statistics fitted on them
+are refitted without the case scored. Writes brats.md, brats.json and brats.png into ``--out``.
 
 Data: BraTS 2018 (Menze et al. 2015, Bakas et al. 2017 and 2018); see the data folder's README.
 """
@@ -35,11 +39,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from NormativeAnomalyLib.evaluation import auprc, best_dice, dice
+from NormativeAnomalyLib.evaluation import auprc, best_dice, dice, package_for
 from NormativeAnomalyLib.models import available_models, resolve_model
 from NormativeAnomalyLib.errors import RegistrationError
 from NormativeAnomalyLib.pipeline import RunOptions, alignment_cutoff, check_alignment, detect_anomalies
-from NormativeAnomalyLib.training.normative import leave_out, scan_sums
+from NormativeAnomalyLib.training.normative import fold_networks, leave_out, scan_sums
 from NormativeAnomalyLib.volume_io import read_volume
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,6 +78,7 @@ class ModelScore:
     model: str
     contrast: str
     cases: list[CaseScore] = field(default_factory=list)
+    training: str = "–"  # training time and device
 
     def mean(self, name: str) -> float:
         values = [getattr(case, name) for case in self.cases]
@@ -119,33 +124,60 @@ def seen_cases(package) -> list[str]:
     return list(package.card["scoring"].get("normative", {}).get("cases", []))
 
 
+def training_cost(package) -> str:
+    """Training time and device from the card ('–' for a package with no network)."""
+    training = package.card.get("training", {})
+    if "seconds" not in training:
+        return "–"
+    return f"{training['seconds'] / 60:.0f} min, {training.get('device', 'CPU')}"
+
+
+def location_sums(package, networks: list, folder: Path, contrast: str, registrations: dict,
+                  skull_stripped: bool | None) -> list:
+    """Healthy residual sums of every case the package's location statistics were fitted on, each
+    from a network that did not learn from that case."""
+    settings = package.card["scoring"]["normative"]
+    sums = []
+    for case in seen_cases(package):
+        if not (folder / f"{case}_{contrast}.nii.gz").is_file():
+            raise SystemExit(f"{package.name} was fitted on {case}, which is not in {folder}: cannot leave it out")
+        image, _, _ = load_case(folder, case, contrast)
+        label = sitk.ReadImage(str(folder / f"{case}_seg.nii.gz"), sitk.sitkUInt8)
+        scan, registrations[case] = scan_sums(package_for(case, networks), image, label, case,
+                                              settings["smoothing_mm"], settings["lesion_margin_mm"],
+                                              registrations.get(case), skull_stripped=skull_stripped)
+        sums.append(scan)
+    return sums
+
+
 def evaluate_model(model: str, contrast: str, folder: Path, cases: list[str], keep: dict,
-                   skull_stripped: bool | None = None) -> list[ModelScore]:
+                   skull_stripped: bool | None = None, folds: list[str] = ()) -> list[ModelScore]:
     """The model's scores; for a model with location statistics, also its plain residual's (same
     registration and network, no statistics: AUPRC and best Dice only, as its calibration is the
-    statistics')."""
+    statistics'). Each case is scored by a network that did not learn from it (the package or one
+    of its ``folds``), with statistics fitted without it on residuals of networks that did not
+    learn from theirs."""
     package = resolve_model(model)
-    result = ModelScore(package.name, contrast)
-    ablation = ModelScore(f"{package.name} without location statistics", contrast)
+    networks = fold_networks(package, [fold for fold in map(resolve_model, folds) if fold.name == package.name])
+    # A variant of a package (its folder renamed, e.g. other scoring settings) is labelled by its folder.
+    label = package.name if package.path.name == package.name else package.path.name
+    result = ModelScore(label, contrast, training=training_cost(package))
+    ablation = ModelScore(f"{label} without location statistics", contrast)
+    plain = {case: package_for(case, networks) for case in cases}
+    if any(network is not networks[0] for network in plain.values()):
+        print(f"  {package.name}: each case scored by a fold that did not learn from it", flush=True)
     seen = [case for case in seen_cases(package) if case in cases]
-    sums, registrations = [], {}
+    registrations = {}
+    sums = location_sums(package, networks, folder, contrast, registrations, skull_stripped) if seen else []
     if seen:
-        # Location statistics fitted on these cases: each is scored by a package fitted without it.
-        settings = package.card["scoring"]["normative"]
-        plain = dataclasses.replace(package, normative=None)
-        print(f"  {package.name} saw {len(seen)} of these cases: refitting without each", flush=True)
-        for case in seen_cases(package):
-            if not (folder / f"{case}_{contrast}.nii.gz").is_file():
-                raise SystemExit(f"{package.name} was fitted on {case}, which is not in {folder}: cannot leave it out")
-            image, _, _ = load_case(folder, case, contrast)
-            label = sitk.ReadImage(str(folder / f"{case}_seg.nii.gz"), sitk.sitkUInt8)
-            scan, registrations[case] = scan_sums(plain, image, label, case, settings["smoothing_mm"],
-                                                  settings["lesion_margin_mm"], skull_stripped=skull_stripped)
-            sums.append(scan)
+        print(f"  {package.name}: statistics fitted on {len(seen)} of these cases, refitted without each", flush=True)
     for case in cases:
         image, truth, brain = load_case(folder, case, contrast)
         start = time.perf_counter()
-        scored_by = leave_out(package, sums, {case}) if case in seen else package
+        if case in seen:
+            scored_by = leave_out(plain[case], sums, {case})
+        else:
+            scored_by = dataclasses.replace(plain[case], normative=package.normative)
         run = detect_anomalies(image, scored_by, RunOptions(device="cpu", accept_poor_alignment=True,
                                                             registration=registrations.get(case),
                                                             skull_stripped=skull_stripped))
@@ -158,14 +190,13 @@ def evaluate_model(model: str, contrast: str, folder: Path, cases: list[str], ke
         score.alignment, score.refused, score.seconds = run.alignment, refused(run), seconds
         result.cases.append(score)
         if case == keep.get(contrast):
-            keep[(contrast, package.name)] = (run.pseudo_healthy, run.anomaly_map, predicted,
+            keep[(contrast, label)] = (run.pseudo_healthy, run.anomaly_map, predicted,
                                               run.segmentation.threshold)
-        print(f"  {package.name} {case}: AUPRC {score.auprc:.3f}, best Dice {score.best_dice:.3f}, Dice "
+        print(f"  {label} {case}: AUPRC {score.auprc:.3f}, best Dice {score.best_dice:.3f}, Dice "
               f"{score.dice_calibrated:.3f}, {score.outside_ml:.1f} mL outside, alignment {score.alignment:.2f}, "
               f"{seconds:.1f} s", flush=True)
         if package.normative is not None:
-            plain = dataclasses.replace(package, normative=None)
-            plain_run = detect_anomalies(image, plain, RunOptions(device="cpu", accept_poor_alignment=True,
+            plain_run = detect_anomalies(image, plain[case], RunOptions(device="cpu", accept_poor_alignment=True,
                                                                   registration=run.registration,
                                                                   skull_stripped=skull_stripped))
             ablation.cases.append(score_case(case, sitk.GetArrayFromImage(plain_run.anomaly_map), truth, brain))
@@ -200,21 +231,23 @@ def markdown(results: list[ModelScore], cases: list[str]) -> str:
              f"of the model's contrast ({', '.join(f'{m} {alignment_cutoff(m)}' for m in ('T1', 'T2', 'FLAIR'))}) "
              "or tissue order or brain overlap under its minimum (docs/alignment.md); "
              "such cases are still scored here. The scans are recognised as skull-stripped, registered to the "
-             "template's brain and scored on their own brain, as a run does. No network was trained on these "
-             "cases. A model with location statistics (location-aware scoring: the residual as a deviation from "
+             "template's brain and scored on their own brain, as a run does. A network that learnt healthy tissue "
+             "from some of these cases (its card's training.cases; tumour and a 10 mm margin left out of its loss) "
+             "scores only the cases it did not see: each case is scored by the fold trained without it "
+             "(leave-cases-out). A model with location statistics (location-aware scoring: the residual as a deviation from "
              "healthy tissue at the same template location) fitted on them, as its card says, is scored on each "
              "case by a copy fitted without that case (leave-one-case-out: statistics and calibration from the "
              "other nine cases' tissue over 10 mm from their tumours); its row \"without location statistics\" "
              "is the same run's plain residual (threshold-free figures only).",
              "", "| contrast | model | AUPRC | best Dice | Dice @ calibrated | mL outside tumour | refused | "
-             "s / volume |", "|---|---|---|---|---|---|---|---|"]
+             "s / volume | training |", "|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         refused = sum(c.refused for c in result.cases) if np.isfinite(result.mean("dice_calibrated")) else None
         lines.append(f"| {CONTRASTS[result.contrast]} | {result.model} | {cell(result.mean('auprc'))} | "
                      f"{cell(result.mean('best_dice'))} | {cell(result.mean('dice_calibrated'))} | "
                      f"{cell(result.mean('outside_ml'), 1)} | "
                      f"{'–' if refused is None else f'{refused}/{len(result.cases)}'} | "
-                     f"{cell(result.mean('seconds'), 1) if refused is not None else '–'} |")
+                     f"{cell(result.mean('seconds'), 1) if refused is not None else '–'} | {result.training} |")
     lines += ["", "Published on BraTS (other splits and training sets, so a guide only):", "",
               "| contrast | method | AUPRC | best Dice | Dice |", "|---|---|---|---|---|"]
     lines += [f"| {c} | {m} | {a or '–'} | {b or '–'} | {d or '–'} |" for c, m, a, b, d in PUBLISHED]
@@ -272,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", help="model names (default: every bundled model of each contrast)")
     parser.add_argument("--cases", type=int, help="only the first N cases (a quick look; not for the table)")
     parser.add_argument("--figure-case", help="the case shown in the figure (default: the first)")
+    parser.add_argument("--folds", nargs="+", default=[],
+                        help="package folders of the models' other folds (same name, trained on other cases)")
     parser.add_argument("--skull", choices=["detect", "stripped", "template"], default="detect",
                         help="brain scored: detected as a run does (default), the scan's own, or the template's")
     args = parser.parse_args(argv)
@@ -285,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in models_for(contrast, args.models):
             print(f"{CONTRASTS[contrast]} {model}: {len(cases)} cases", flush=True)
             results += evaluate_model(model, contrast, args.data, cases, keep,
-                                      {"detect": None, "stripped": True, "template": False}[args.skull])
+                                      {"detect": None, "stripped": True, "template": False}[args.skull], args.folds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "brats.md").write_text(markdown(results, cases))
     (args.out / "brats.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")

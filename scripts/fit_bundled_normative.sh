@@ -2,16 +2,22 @@
 # Location-aware scoring for the bundled default models: fit each one's healthy residual
 # statistics on the healthy tissue of the BraTS development cases (../shared/data/brats-dev,
 # see its README), in place in Resources/Models. About 3 minutes per model on 2 CPU cores.
-# scripts/evaluate_brats.py then scores them leave-one-case-out.
+# A DAE that learnt from these cases takes each case's residual from its fold that did not
+# (out/models/<name>-fold-a and -b, scripts/train_folds.sh). scripts/evaluate_brats.py then
+# scores them leave-one-case-out.
 #   scripts/fit_bundled_normative.sh [DATA]
 set -e
 source "$(dirname "$0")/_environment.sh" requirements.txt
 DATA="${1:-../shared/data/brats-dev}"
 NOTE="the healthy tissue of the 10 BraTS 2018 development cases (real, skull-stripped, 1 mm; Menze et al. 2015, Bakas et al. 2017, 2018)"
+folds() { echo --folds out/models/"$1"-fold-a out/models/"$1"-fold-b; }
 python scripts/fit_normative.py --model dae-t2 --data "$DATA" --suffix _t2.nii.gz --out Resources/Models/dae-t2 \
-  --overwrite --residual positive --scan-scale --default-fpr 0.005 --data-note "$NOTE"
+  --overwrite --residual positive --scan-scale --default-fpr 0.005 --data-note "$NOTE" $(folds dae-t2)
 python scripts/fit_normative.py --model dae-t1 --data "$DATA" --suffix _t1.nii.gz --out Resources/Models/dae-t1 \
-  --overwrite --residual negative --scan-scale --default-fpr 0.005 --n4 with_skull --data-note "$NOTE"
+  --overwrite --residual negative --scan-scale --default-fpr 0.005 --n4 with_skull --data-note "$NOTE" $(folds dae-t1)
+python scripts/fit_normative.py --model dae-flair --data "$DATA" --suffix _flair.nii.gz \
+  --out Resources/Models/dae-flair --overwrite --residual positive --scan-scale --default-fpr 0.005 \
+  --data-note "$NOTE" $(folds dae-flair)
 python scripts/synthesise_flair_template.py
 python scripts/fit_normative.py --model intensity-t1 --name intensity-flair --modality FLAIR \
   --template icbm152_2009c_flair_2mm --data "$DATA" --suffix _flair.nii.gz --out Resources/Models/intensity-flair \

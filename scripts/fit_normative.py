@@ -7,7 +7,10 @@
 
 Every scan ``<case><suffix>`` in ``--data`` goes through the package's own registration, model
 and residual; a label ``<case>_seg.nii.gz`` beside it, where there is one, marks lesions, which
-are left out with a margin (scans of patients then lend their healthy tissue). The per-voxel
+are left out with a margin (scans of patients then lend their healthy tissue). A network that
+learnt from some of the scans (its card's training.cases) lends its residuals only for the
+others; ``--folds`` (the same model trained on other cases) gives the rest, so the statistics
+describe scans the network has not seen. The per-voxel
 mean and spread of the healthy residuals go into the package (normative.safetensors), and the
 calibration is re-measured on the same healthy voxels, each scan scored with statistics fitted
 without it. The card lists the cases: an evaluation on them must leave them out
@@ -31,8 +34,9 @@ import SimpleITK as sitk  # noqa: E402
 
 from NormativeAnomalyLib.models import resolve_model  # noqa: E402
 from NormativeAnomalyLib.models.package import write_package  # noqa: E402
+from NormativeAnomalyLib.evaluation import package_for  # noqa: E402
 from NormativeAnomalyLib.training.normative import (LESION_MARGIN_MM, cross_fitted_calibration,  # noqa: E402
-                                                    fit_statistics, scan_sums)
+                                                    fit_statistics, fold_networks, scan_sums)
 from NormativeAnomalyLib.templates import load_template  # noqa: E402
 from NormativeAnomalyLib.volume_io import read_volume  # noqa: E402
 
@@ -66,14 +70,17 @@ def find_scans(folder: Path, suffix: str) -> list[tuple[str, Path, Path | None]]
 
 
 def collect_sums(package, folder: Path, suffix: str, smoothing_mm: float, margin_mm: float,
-                 cases: list[str] | None = None) -> list:
+                 cases: list[str] | None = None, folds: list = ()) -> list:
+    """Each scan's healthy residual sums, from the package's network or, where that network learnt
+    from the scan, from a fold's that did not."""
+    networks = fold_networks(package, list(folds))
     sums = []
     for case, path, label in find_scans(folder, suffix):
         if cases is not None and case not in cases:
             continue
         start = time.perf_counter()
         lesion = sitk.ReadImage(str(label), sitk.sitkUInt8) if label else None
-        scan, _ = scan_sums(package, read_volume(path), lesion, case, smoothing_mm, margin_mm)
+        scan, _ = scan_sums(package_for(case, networks), read_volume(path), lesion, case, smoothing_mm, margin_mm)
         sums.append(scan)
         print(f"  {case}: {int(scan.healthy.sum())} healthy voxels, {time.perf_counter() - start:.1f} s", flush=True)
     return sums
@@ -89,9 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--residual", choices=["absolute", "positive", "negative"],
                         help="residual sign (default: the card's); positive where lesions are bright")
     parser.add_argument("--scan-scale", action="store_true", help="divide by the scan's median absolute deviation")
+    parser.add_argument("--input-weight", type=float,
+                        help="add the input's own signed intensity, so weighted, to a signed residual (FLAIR)")
     parser.add_argument("--default-fpr", type=float, help="the card's default healthy false-positive rate")
     parser.add_argument("--n4", choices=["on", "off", "with_skull"],
                         help="N4 bias-field correction by default (default: the card's); with_skull: scans with skull only")
+    parser.add_argument("--folds", nargs="+", type=Path, default=[],
+                        help="folds of the model (its network trained without some scans): each scan's residual "
+                             "comes from a network that did not learn from it")
     parser.add_argument("--smoothing-mm", type=float, default=4.0, help="Gaussian sigma of the statistics (mm)")
     parser.add_argument("--margin-mm", type=float, default=LESION_MARGIN_MM, help="distance kept from lesions (mm)")
     parser.add_argument("--data-note", default="", help="what the scans are, for the card")
@@ -119,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.residual:
         scoring["residual"] = args.residual
     scoring["scan_normalisation"] = "median" if args.scan_scale else "none"
+    if args.input_weight is not None:
+        scoring["input_weight"] = args.input_weight
     if args.default_fpr is not None:
         scoring["default_fpr"] = args.default_fpr
     card = {**package.card, "scoring": scoring}
@@ -132,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     plain = dataclasses.replace(package, card=card, normative=None)  # residuals without statistics
 
     print(f"{package.name}: residuals of {args.data} (*{args.suffix})", flush=True)
-    sums = collect_sums(plain, args.data, args.suffix, args.smoothing_mm, args.margin_mm)
+    folds = [resolve_model(str(fold)) for fold in args.folds]
+    sums = collect_sums(plain, args.data, args.suffix, args.smoothing_mm, args.margin_mm, folds=folds)
     if len(sums) < 2:
         raise SystemExit(f"need at least two scans ending {args.suffix!r} in {args.data}, found {len(sums)}")
     statistics = fit_statistics(sums)

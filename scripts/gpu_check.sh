@@ -14,7 +14,7 @@
 # What it runs: nvidia-smi; the tests marked gpu (Testing/test_gpu_path.py: fp32 and autocast
 # against the CPU, batches sized from free memory, a real CUDA out-of-memory fallback);
 # scripts/benchmark_models.py --device cuda on the demo case (model time runs on the template
-# grid, so it does not depend on the input: the README's CPU column used the MNI152 1 mm T1).
+# grid, so it does not depend on the input: the CPU column of docs/performance.md used the MNI152 1 mm T1).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 CARRY=out/gpu-carry

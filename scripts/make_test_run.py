@@ -20,7 +20,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from NormativeAnomalyLib.resources import sample_data_dir
+from NormativeAnomalyLib.resources import demo_case
 
 REPO = Path(__file__).resolve().parent.parent
 SPACING_MM = 3.0
@@ -28,7 +28,7 @@ KEPT = ("run.json", "anomaly_map.nii.gz", "pseudo_healthy.nii.gz")
 
 
 def resampled_demo(spacing: float) -> sitk.Image:
-    demo = sitk.ReadImage(str(sample_data_dir() / "demo_t1.nii.gz"))
+    demo = sitk.ReadImage(str(demo_case().image))
     size = [round(n * s / spacing) for n, s in zip(demo.GetSize(), demo.GetSpacing())]
     smooth = sitk.SmoothingRecursiveGaussian(demo, spacing / 2.355)  # against aliasing
     resampled = sitk.Resample(smooth, size, sitk.Transform(), sitk.sitkLinear, demo.GetOrigin(), [spacing] * 3,

@@ -3,19 +3,26 @@
 
     python scripts/train.py scripts/configs/dae_t1_tiny.json [--out DIR] [--steps N]
 
-The config is plain data (see scripts/configs/): the template, the healthy data to train on
+The config is plain data (see scripts/configs/; "extends" names a config it varies, as the
+*_gpu.json ones do): the template, the healthy data to train on
 and the data held out for calibration, as volume files ("train_volumes",
 "calibration_volumes": any NIfTI/NRRD files, so a user's own healthy cohort works the same
 way; "registered": false registers them to the template first) and/or populations prebuilt by
 scripts/build_population.py ("train_population", "calibration_population"),
 the network (a monai.networks.nets class and its arguments), steps, batch size, noise.
-Training resumes from "checkpoint" when that file exists.
+Patients' scans can lend their healthy tissue ("train_cases": folder, file suffix, cases; each
+lesion label, dilated by a margin, is left out of the loss): train folds with --cases and
+evaluate each fold only on the cases it did not see (scripts/evaluate_brats.py --folds).
+"initialise_from" starts from a bundled package's weights. Training resumes from "checkpoint"
+when that file exists.
+
+    python scripts/train.py scripts/configs/dae_flair.json --cases Brats18_2013_11_1 ... \
+        --out out/models/dae-flair-fold-1 --checkpoint out/checkpoints/dae-flair-fold-1.pt
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "NormativeAnomaly"))
 
 from NormativeAnomalyLib.training import train_model  # noqa: E402
+from NormativeAnomalyLib.training.config import load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,19 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="package folder (overrides the config's)")
     parser.add_argument("--steps", type=int, help="training steps (overrides the config's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
+    parser.add_argument("--cases", nargs="+", help="the patients' scans to learn from (overrides train_cases.cases)")
+    parser.add_argument("--checkpoint", help="checkpoint file (overrides the config's)")
     args = parser.parse_args(argv)
-    config = json.loads(args.config.read_text())
-    base = args.config.resolve().parent
-    def resolve(path: str) -> str:  # paths in a config are relative to the config file
-        return str((base / path).resolve())
-
-    for key in ("train_volumes", "calibration_volumes"):
-        config[key] = [resolve(p) for p in config.get(key, [])]
-    for key in ("out", "checkpoint", "train_population", "calibration_population"):
-        if config.get(key):
-            config[key] = resolve(config[key])
+    config = load_config(args.config)
+    if args.cases:
+        if not config.get("train_cases"):
+            parser.error("--cases: the config has no train_cases")
+        config["train_cases"] = {**config["train_cases"], "cases": args.cases}
     if args.out:
         config["out"] = str(Path(args.out).resolve())
+    if args.checkpoint:
+        config["checkpoint"] = str(Path(args.checkpoint).resolve())
     if args.steps is not None:
         config["steps"] = args.steps
     config["overwrite"] = args.overwrite or config.get("overwrite", False)

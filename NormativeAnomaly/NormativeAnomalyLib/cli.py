@@ -18,7 +18,6 @@ from . import __version__
 from .errors import Cancelled, NormativeAnomalyError, one_line
 
 EXIT_ERROR, EXIT_CANCELLED, EXIT_INTERNAL = 1, 130, 3
-DEMO_INPUT, DEMO_TRUTH = "demo_t1.nii.gz", "demo_lesion_mask.nii.gz"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -435,10 +434,10 @@ def _main(args: argparse.Namespace) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "demo":
-            from .resources import sample_data_dir
+            from .resources import demo_case
 
-            extra = {"truth": sample_data_dir() / DEMO_TRUTH}
-            summary = _run(args, sample_data_dir() / DEMO_INPUT, extra)
+            demo = demo_case()
+            summary = _run(args, demo.image, {"truth": demo.lesion_mask})
         else:
             summary = _run(args, args.input, {})
         _print_summary(summary, args.out, args.json)

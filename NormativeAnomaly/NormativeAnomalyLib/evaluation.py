@@ -67,3 +67,17 @@ def detected_lesions(predicted: np.ndarray, truth: np.ndarray) -> tuple[int, int
         return 0, 0
     hit = np.unique(labels[np.asarray(predicted, bool) & (labels > 0)])
     return int(len(hit)), int(count)
+
+
+def trained_cases(package) -> list[str]:
+    """The cases a package's network learnt healthy tissue from (its card's ``training.cases``)."""
+    return list(package.card.get("training", {}).get("cases", []))
+
+
+def package_for(case: str, packages: list):
+    """The first of ``packages`` (a model, then its folds) whose network did not learn from
+    ``case``: a model is never scored on a case it saw."""
+    for package in packages:
+        if case not in trained_cases(package):
+            return package
+    raise ValueError(f"{packages[0].name} learnt from {case} and none of its folds left it out")

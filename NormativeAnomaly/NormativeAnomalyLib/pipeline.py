@@ -76,14 +76,6 @@ class AnomalyResult:
     # A skull-stripped scan: Dice of its own brain, registered, with the template's (else NaN)
     brain_overlap: float = float("nan")
 
-    def resegment(self, threshold: float | None = None, min_lesion_mm3: float | None = None) -> Segmentation:
-        """New threshold and/or minimum size, without re-running the model."""
-        threshold = self.segmentation.threshold if threshold is None else threshold
-        min_size = self.segmentation.min_lesion_mm3 if min_lesion_mm3 is None else min_lesion_mm3
-        self.segmentation = segment_anomalies(self.anomaly_map, threshold, min_size)
-        self.threshold_fpr = self.model.calibration.fpr_for_threshold(threshold)
-        return self.segmentation
-
 
 def resolve_threshold(package: ModelPackage, options: RunOptions,
                       notice: Callable[[str], None] = lambda message: None) -> tuple[float, float]:

@@ -10,7 +10,9 @@ instead, since the installed resources may be read-only and are replaced on upgr
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 _LIB_DIR = Path(__file__).resolve().parent
@@ -36,6 +38,26 @@ def templates_dir() -> Path:
 
 def sample_data_dir() -> Path:
     return resources_dir() / "SampleData"
+
+
+# The bundled demo case's description, written by scripts/build_resources.py beside its files.
+DEMO_CASE_FILE = "demo_case.json"
+
+
+@dataclass(frozen=True)
+class DemoCase:
+    image: Path  # the input scan
+    lesion_mask: Path  # its simulated lesion (what the demo's Dice is measured against)
+
+
+def demo_case() -> DemoCase:
+    """The bundled demo case, as ``demo_case.json`` in the sample data names it."""
+    folder = sample_data_dir()
+    description = json.loads((folder / DEMO_CASE_FILE).read_text())
+    files = [description["image"], description["lesion_mask"]]
+    if any(Path(name).name != name for name in files):  # plain names: nothing outside the folder
+        raise ValueError(f"{DEMO_CASE_FILE} names a file outside {folder}")
+    return DemoCase(folder / files[0], folder / files[1])
 
 
 def user_models_dir() -> Path:

@@ -1,7 +1,7 @@
-"""What a front end needs to show a finished run, from memory or from an output folder.
+"""What a front end needs to show a finished run, read back from its output folder.
 
-The Slicer module runs the CLI in a background process and reads its output folder; the
-web app may run the pipeline in-process. Both hand a ``RunOutputs`` to the MRML layer.
+The Slicer module and the web app run the CLI in a background process and read its output
+folder; both hand a ``RunOutputs`` to the MRML layer.
 """
 
 from __future__ import annotations
@@ -10,15 +10,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import SimpleITK as sitk
 
 from .errors import OutputError
 from .scoring import Calibration
-
-if TYPE_CHECKING:  # not imported at run time: the pipeline pulls in torch, which Slicer's process never loads
-    from .pipeline import AnomalyResult
 
 MODEL_FIELDS = ("name", "version", "family", "modality", "description", "license", "training_data")
 
@@ -32,13 +29,6 @@ class RunOutputs:
     min_lesion_mm3: float
     model: dict[str, Any]  # MODEL_FIELDS of the card
     uncertainty: sitk.Image | None = None  # variance over stochastic reconstructions (diffusion), on the input's grid
-
-    @classmethod
-    def from_result(cls, result: AnomalyResult) -> "RunOutputs":
-        card = result.model.card
-        model = {key: card.get(key, "") for key in MODEL_FIELDS} | {"training_data": card["training"].get("data", "")}
-        return cls(result.pseudo_healthy, result.anomaly_map, result.model.calibration,
-                   result.segmentation.threshold, result.segmentation.min_lesion_mm3, model, result.uncertainty)
 
 
 def read_run_folder(out_dir: str | os.PathLike) -> RunOutputs:

@@ -62,8 +62,18 @@ def scoring_mask(brain_mask: np.ndarray, spacing_zyx: tuple[float, float, float]
 
 
 def residual_map(image: np.ndarray, reconstruction: np.ndarray | None, settings: dict) -> np.ndarray:
-    """The residual, median-filtered: what an anomaly map is made of (model-space arrays)."""
+    """The residual, median-filtered: what an anomaly map is made of (model-space arrays).
+
+    ``input_weight`` adds the input's own intensity, signed as the residual is (bright for a
+    positive residual, dark for a negative one): where lesions are brighter than any healthy
+    tissue (FLAIR), the intensity is evidence the reconstruction may have half absorbed."""
     score = residual(image, reconstruction, settings["residual"])
+    weight = float(settings.get("input_weight", 0.0))
+    if weight and reconstruction is not None:
+        if settings["residual"] == "absolute":
+            raise ValueError("input_weight needs a signed residual (positive or negative): it says which way "
+                             "lesions go")
+        score = score + weight * (image if settings["residual"] == "positive" else -image)
     if settings["median_filter_voxels"] > 1:
         score = ndimage.median_filter(score, size=settings["median_filter_voxels"])
     return score.astype(np.float32)

@@ -6,7 +6,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from NormativeAnomalyLib.resources import sample_data_dir
+from NormativeAnomalyLib.resources import demo_case
 
 try:
     from slicer.i18n import tr as _
@@ -15,15 +15,15 @@ except ImportError:  # Slicer < 5.4
 
 CATEGORY = "NormativeAnomaly"
 SAMPLE_NAME = "NormativeAnomalyDemoT1"
-DEMO_FILE = "demo_t1.nii.gz"
-# The name of the copy in Slicer's shared download cache: prefixed, so that no other extension's
-# "demo_t1.nii.gz" is taken for ours (the checksum would then force a copy at every load).
-CACHE_FILE = "NormativeAnomaly-demo_t1.nii.gz"
+# The copy in Slicer's shared download cache is named with this prefix, so that no other
+# extension's file of the same name is taken for ours (the checksum would then force a copy at
+# every load).
+CACHE_PREFIX = "NormativeAnomaly-"
 ICON = Path(__file__).resolve().parent.parent / "Resources" / "Icons" / "NormativeAnomaly.png"
 
 
 def demoPath() -> Path:
-    return sample_data_dir() / DEMO_FILE
+    return demo_case().image
 
 
 def registerSampleData() -> None:
@@ -44,9 +44,9 @@ def registerSampleData() -> None:
         # The case is bundled with the extension: SampleData "downloads" with urllib, which reads
         # file:// URIs, so the file is copied into Slicer's cache and loaded from there.
         uris=path.as_uri(),
-        fileNames=CACHE_FILE,
+        fileNames=CACHE_PREFIX + path.name,
         # A stale copy in the cache (from an older version of the extension) is replaced.
         checksums="SHA256:" + hashlib.sha256(path.read_bytes()).hexdigest(),
-        nodeNames="demo_t1",
+        nodeNames=path.name.split(".")[0],
         loadFileType="VolumeFile",  # Slicer >= 5.8 calls it loadFileTypes but still accepts this spelling
     )

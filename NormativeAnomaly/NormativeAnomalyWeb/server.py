@@ -32,7 +32,7 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                          help=f"port (default {DEFAULT_PORT}; 0: any free)")
     command.add_argument("--host", default="127.0.0.1",
-                         help="address to listen on (default 127.0.0.1: this machine only; see README before "
+                         help="address to listen on (default 127.0.0.1: this machine only; see docs/web.md before "
                               "opening it to a network)")
     command.add_argument("--input", type=Path, help="volume to open at start (default: the demo case)")
     command.add_argument("--data-dir", type=Path, action="append", default=[],
@@ -58,12 +58,12 @@ def exposure_warning(host: str) -> str | None:
     if loopback:
         return None
     return (f"normative-anomaly: warning: listening on {host}: anyone who can reach this port can use the app "
-            "(no login); put it behind an authenticating proxy (README, Web app)")
+            "(no login); put it behind an authenticating proxy (docs/web.md)")
 
 
 def serve(args: argparse.Namespace) -> int:
     from NormativeAnomalyLib.errors import InputVolumeError, NormativeAnomalyError
-    from NormativeAnomalyLib.resources import sample_data_dir
+    from NormativeAnomalyLib.resources import demo_case, sample_data_dir
 
     from .files import FileAccess
     from .views import choose_render_window
@@ -77,9 +77,7 @@ def serve(args: argparse.Namespace) -> int:
             raise InputVolumeError(f"--input {args.input}: no such file")
         allowed.append(initial.parent)  # the page may reopen it (and its neighbours)
     else:
-        from NormativeAnomalyLib.cli import DEMO_INPUT
-
-        initial = sample_data_dir() / DEMO_INPUT
+        initial = demo_case().image
     if args.work_dir is not None:
         try:
             args.work_dir.mkdir(parents=True, exist_ok=True)

@@ -169,6 +169,8 @@ def validate_card(card: Any, source: str = "card") -> dict[str, Any]:
                                 "inference.diffusion settings")
     if is_diffusion and card["inference"]["diffusion"]["noise_level"] > card["inference"]["diffusion"]["train_timesteps"]:
         raise ModelPackageError(f"{source}: inference.diffusion.noise_level exceeds train_timesteps")
+    if card["scoring"].get("input_weight") and card["scoring"]["residual"] == "absolute":
+        raise ModelPackageError(f"{source}: scoring.input_weight needs a positive or negative residual")
     fpr, threshold = card["calibration"]["fpr"], card["calibration"]["threshold"]
     if len(fpr) != len(threshold):
         raise ModelPackageError(f"{source}: calibration fpr and threshold differ in length")

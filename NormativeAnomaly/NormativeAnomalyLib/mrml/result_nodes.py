@@ -65,10 +65,6 @@ class ResultNodes:
         table = self._get("calibration")
         return Calibration(tuple(table["fpr"]), tuple(table["threshold"]))
 
-    @property
-    def calibrated_threshold(self) -> float:
-        return self._get("calibratedThreshold")
-
     threshold = property(lambda self: self._get("threshold"), lambda self, v: self._set("threshold", float(v)))
     min_lesion_mm3 = property(lambda self: self._get("minLesionMm3"),
                               lambda self, v: self._set("minLesionMm3", float(v)))
@@ -150,7 +146,6 @@ def add_result_nodes(scene, input_volume, outputs: RunOutputs, monitor: Monitor 
         nodes._set("model", outputs.model)
         nodes._set("calibration", {"fpr": list(outputs.calibration.fpr),
                                    "threshold": list(outputs.calibration.threshold)})
-        nodes._set("calibratedThreshold", float(outputs.threshold))
         nodes.threshold, nodes.min_lesion_mm3, nodes.rejected_peaks, nodes.frozen = \
             outputs.threshold, outputs.min_lesion_mm3, [], False
         _place_beside(scene, input_volume, nodes.nodes())

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..models.package import ModelPackage, write_package
 from ..templates import Template, load_template
 from .calibration import calibrate
-from .data import draw_batch, load_healthy, training_samples
+from .data import draw_batch, load_healthy, load_lesion_cases, training_samples
 from .objectives import Objective, objective_for
 
 DEFAULT_SCORING = {"residual": "absolute", "mask_erosion_mm": 2.0, "median_filter_voxels": 3,
@@ -40,7 +40,10 @@ def _distributed() -> tuple[int, int]:
 
 def _device(config: dict[str, Any], rank: int) -> torch.device:
     requested = config.get("device", "cpu")
-    if requested == "cuda" and torch.cuda.is_available():
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("the config asks for a GPU (\"device\": \"cuda\") and torch sees none; "
+                             "use the CPU config (without _gpu)")
         return torch.device("cuda", rank % torch.cuda.device_count())
     return torch.device(requested)
 
@@ -66,6 +69,17 @@ def _load_checkpoint(path: Path, objective: Objective, device: torch.device) -> 
     return state
 
 
+def _initialise(objective: Objective, model: str) -> dict[str, str]:
+    """Start from a package's weights (same network): fine-tuning. Returns what the card records."""
+    from ..models import resolve_model
+
+    package = resolve_model(model)
+    if package.card["network"] != objective.config["network"]:
+        raise ValueError(f"initialise_from: {package.name}'s network differs from the config's")
+    objective.packaged.load_state_dict(package.state_dict)
+    return {"model": package.name, "sha256": package.card["weights"]["sha256"]}
+
+
 def train_model(config: dict[str, Any], progress: Callable[[int, float], None] | None = None) -> ModelPackage | None:
     """Train, calibrate and write a package as ``config`` says; returns the loaded package
     (``None`` on processes other than 0 of a distributed run)."""
@@ -77,12 +91,17 @@ def train_model(config: dict[str, Any], progress: Callable[[int, float], None] |
     template = load_template(config["template"])
     normalisation = config.get("normalisation", DEFAULT_NORMALISATION)
     dims = int(config.get("dims", 2))
-    samples = training_samples(load_healthy(config, "train", template, normalisation), dims)
+    volumes = load_lesion_cases(config, template, normalisation)
+    if config.get("train_volumes") or config.get("train_population") or not volumes:
+        volumes = load_healthy(config, "train", template, normalisation) + volumes
+    samples, weights = training_samples(volumes, dims)
 
     def wrap(network: torch.nn.Module) -> torch.nn.Module:
         return torch.nn.parallel.DistributedDataParallel(network) if world > 1 else network
 
     objective = objective_for(config, device, wrap)
+    if config.get("initialise_from"):
+        start_from = _initialise(objective, config["initialise_from"])
     steps, batch_size = int(config["steps"]), int(config.get("batch_size", 16))
     checkpoint = Path(config["checkpoint"]) if config.get("checkpoint") else None
     start, losses = 0, []
@@ -97,7 +116,8 @@ def train_model(config: dict[str, Any], progress: Callable[[int, float], None] |
     for network in objective.networks.values():
         network.train()
     for step in range(start, steps):
-        losses.append(objective.step(draw_batch(samples, batch_size, generator), generator))
+        batch, weight = draw_batch(samples, batch_size, generator, weights)
+        losses.append(objective.step(batch, generator, weight))
         if progress is not None and rank == 0:
             progress(step + 1, losses[-1])
         last = step + 1 == steps
@@ -110,6 +130,8 @@ def train_model(config: dict[str, Any], progress: Callable[[int, float], None] |
         return None
     objective.packaged.eval()
     card = _card(config, objective, template, normalisation, losses, seconds, world)
+    if config.get("initialise_from"):
+        card["training"]["initialised_from"] = start_from
     state_dict = {key: value.cpu() for key, value in objective.packaged.state_dict().items()}
     # Write uncalibrated first (a valid package), then calibrate with the very inference code users run.
     out = Path(config["out"])
@@ -164,9 +186,16 @@ def _card(config: dict[str, Any], objective: Objective, template: Template, norm
                      "learning_rate": float(config.get("learning_rate", 1e-3)), **objective.card_settings(),
                      "seed": int(config.get("seed", 0)), "seconds": round(seconds, 1), "processes": processes,
                      "final_loss": round(float(np.mean(losses[-20:])), 6) if losses else None,
-                     "script": "scripts/train.py"},
+                     "device": _device_name(config), "script": "scripts/train.py",
+                     **({"cases": list(config["train_cases"]["cases"])} if config.get("train_cases") else {})},
         "license": config.get("license", "See the licences of the training data."),
     }
+
+
+def _device_name(config: dict[str, Any]) -> str:
+    if config.get("device") == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {torch.get_num_threads()} threads"
 
 
 def _describe(config: dict[str, Any], split: str) -> str:

@@ -94,31 +94,18 @@ def scan_sums(package, image, lesion_on_input, case: str, smoothing_mm: float,
     ``lesion_on_input``: a label image on the scan's grid (voxels > 0 are lesion), or None for a
     healthy scan. ``registration``: reuse one computed before. ``skull_stripped``: as the
     pipeline's option (None: detected), so that the brain scored is the one a run scores."""
-    import SimpleITK as sitk
-
     from ..device import select_device
     from ..inference import run_inference
-    from ..model_space import prepare_model_input, to_model_space
-    from ..pipeline import RunOptions, bias_correction, input_brain_mask
-    from ..registration import register_to_template
     from ..scoring import residual_map, scoring_mask
+    from .data import prepare_scan
 
     card, template = package.card, package.template
-    brain_mask, mask_name, stripped = input_brain_mask(image, RunOptions(skull_stripped=skull_stripped))
-    if registration is None:
-        registration = register_to_template(image, template.registration_target(stripped),
-                                            card["preprocessing"]["registration"])
-    model_input = prepare_model_input(image, template, registration, card["preprocessing"]["normalisation"],
-                                      brain_mask, bias_correction(card, None, stripped), mask_name)
+    model_input, lesion, registration = prepare_scan(image, template, card["preprocessing"], lesion_on_input,
+                                                     skull_stripped, registration)
     inference = run_inference(package, model_input.image, model_input.brain_mask, select_device(device))
     spacing_zyx = tuple(reversed(template.image.GetSpacing()))
     score = residual_map(model_input.image, inference.reconstruction, card["scoring"])
     scored = scoring_mask(model_input.brain_mask, spacing_zyx, card["scoring"]["mask_erosion_mm"])
-    lesion = None
-    if lesion_on_input is not None:
-        lesion_mask = sitk.Cast(lesion_on_input > 0, sitk.sitkUInt8)
-        lesion = sitk.GetArrayFromImage(to_model_space(lesion_mask, template, registration,
-                                                       sitk.sitkNearestNeighbor)).astype(bool)
     healthy = healthy_region(scored, lesion, spacing_zyx, lesion_margin_mm)
     sigma_voxels = [smoothing_mm / s for s in spacing_zyx]
     return ScanSums.of(case, score, scored, healthy, sigma_voxels), registration
@@ -134,3 +121,15 @@ def leave_out(package, scans: list[ScanSums], cases: set[str]):
     card = {**package.card, "calibration": {**package.card["calibration"], "fpr": list(calibration.fpr),
                                             "threshold": list(calibration.threshold)}}
     return dataclasses.replace(package, card=card, normative=fit_statistics(kept))
+
+
+def fold_networks(package, folds: list) -> list:
+    """The package, then each fold of it (the same model trained on other cases), all without
+    location statistics and all preprocessed, scored and calibrated as the package is: a fold
+    lends only its network. With ``evaluation.package_for`` it gives, for each case, a network
+    that did not learn from it: residuals for statistics that hold for scans no network saw."""
+    import dataclasses
+
+    shared = {key: package.card[key] for key in ("preprocessing", "scoring", "calibration")}
+    return [dataclasses.replace(package, normative=None)] + [
+        dataclasses.replace(fold, card={**fold.card, **shared}, normative=None) for fold in folds]

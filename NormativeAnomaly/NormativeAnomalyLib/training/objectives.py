@@ -11,7 +11,9 @@
   ``DDPMScheduler``); see ``diffusion.py`` for how it reconstructs.
 
 Each objective holds its networks (``packaged`` is the one written to the package) and
-optimisers; ``step`` returns the loss reported in the training curve.
+optimisers; ``step`` returns the loss reported in the training curve. ``weight`` (1 where the
+loss counts, 0 where it does not: a patient's lesion and its margin) masks every family's
+reconstruction or noise-prediction error.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Objective:
         learning_rate = float(config.get("learning_rate", 1e-3))
         self.optimisers = {"model": torch.optim.Adam(self.packaged.parameters(), lr=learning_rate)}
 
-    def step(self, clean: torch.Tensor, generator: torch.Generator) -> float:
+    def step(self, clean: torch.Tensor, generator: torch.Generator, weight: torch.Tensor | None = None) -> float:
         raise NotImplementedError
 
     def card_settings(self) -> dict[str, Any]:
@@ -59,13 +61,21 @@ class Objective:
         return float(loss.detach())
 
 
+def masked_mse(output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over the voxels where ``weight`` is 1 (all of them when it is None)."""
+    if weight is None:
+        return F.mse_loss(output, target)
+    weight = weight.to(output.device, output.dtype).expand_as(output)
+    return ((output - target) ** 2 * weight).sum() / weight.sum().clamp(min=1.0)
+
+
 class Denoising(Objective):
     family = "dae"
 
-    def step(self, clean, generator):
+    def step(self, clean, generator, weight=None):
         noise = self.config.get("noise", {"resolution": 16, "std": 0.2})
         noisy = clean + coarse_noise(clean.shape, noise["resolution"], noise["std"], generator) * (clean > 0)
-        return self._descend(F.mse_loss(self.model(noisy.to(self.device)), clean.to(self.device)))
+        return self._descend(masked_mse(self.model(noisy.to(self.device)), clean.to(self.device), weight))
 
     def card_settings(self):
         return {"noise": self.config.get("noise", {"resolution": 16, "std": 0.2})}
@@ -74,20 +84,20 @@ class Denoising(Objective):
 class Reconstruction(Objective):
     family = "ae"
 
-    def step(self, clean, generator):
+    def step(self, clean, generator, weight=None):
         clean = clean.to(self.device)
-        return self._descend(F.mse_loss(self.model(clean), clean))
+        return self._descend(masked_mse(self.model(clean), clean, weight))
 
 
 class Variational(Objective):
     family = "vae"
 
-    def step(self, clean, generator):
+    def step(self, clean, generator, weight=None):
         clean = clean.to(self.device)
         reconstruction, mu, logvar, _ = self.model(clean)
         # KL per image, divided by the voxels per image: the ELBO per voxel, weighted by beta.
         kl = (-0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)).mean() / clean[0].numel()
-        loss = F.mse_loss(reconstruction, clean) + float(self.config.get("kl_weight", 1.0)) * kl
+        loss = masked_mse(reconstruction, clean, weight) + float(self.config.get("kl_weight", 1.0)) * kl
         return self._descend(loss)
 
     def card_settings(self):
@@ -108,13 +118,12 @@ class Adversarial(Objective):
 
         self.adversarial = PatchAdversarialLoss(criterion="least_squares")
 
-    def step(self, clean, generator):
+    def step(self, clean, generator, weight=None):
         clean = clean.to(self.device)
         reconstruction = self.model(clean)
         fooling = self.adversarial(self.critic(reconstruction)[-1], target_is_real=True, for_discriminator=False)
-        weight = float(self.config.get("adversarial_weight", 0.01))
-        loss = F.mse_loss(reconstruction, clean)
-        self._descend(loss + weight * fooling)
+        loss = masked_mse(reconstruction, clean, weight)
+        self._descend(loss + float(self.config.get("adversarial_weight", 0.01)) * fooling)
         # Real and reconstructed images in one forward pass (DistributedDataParallel allows one per backward).
         scores = self.critic(torch.cat([clean, reconstruction.detach()]))[-1]
         real = self.adversarial(scores[:len(clean)], target_is_real=True, for_discriminator=True)
@@ -139,13 +148,13 @@ class Diffusion(Objective):
                                        schedule=self.settings["schedule"], beta_start=float(self.settings["beta_start"]),
                                        beta_end=float(self.settings["beta_end"]), clip_sample=False)
 
-    def step(self, clean, generator):
+    def step(self, clean, generator, weight=None):
         x = to_diffusion_range(clean)
         noise = structured_noise(tuple(x.shape), self.settings["noise"], generator)
         t = torch.randint(0, int(self.settings["train_timesteps"]), (x.shape[0],), generator=generator)
         noisy = self.scheduler.add_noise(x, noise, t)
         predicted = self.model(noisy.to(self.device), timesteps=t.to(self.device))
-        return self._descend(F.mse_loss(predicted, noise.to(self.device)))
+        return self._descend(masked_mse(predicted, noise.to(self.device), weight))
 
     def inference_settings(self):
         return {"diffusion": dict(self.settings)}
