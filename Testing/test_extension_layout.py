@@ -97,6 +97,15 @@ def test_core_imports_no_slicer_and_the_mrml_layer_no_qt():
         assert not imported & forbidden, (path, sorted(imported & forbidden))
 
 
+def test_core_imports_no_front_end():
+    """The web app (and any front end) adds its CLI command through an entry point: the core never
+    imports a front end, at module level or inside a function."""
+    front_ends = {"NormativeAnomalyWeb", "NormativeAnomalySlicer", "trame", "trame_slicer"}
+    for path in (MODULE / "NormativeAnomalyLib").rglob("*.py"):
+        imported = set(_imported_modules(path))
+        assert not imported & front_ends, (path, sorted(imported & front_ends))
+
+
 def test_what_slicer_imports_pulls_in_neither_torch_nor_monai():
     """Slicer's process lists models and loads results; torch and MONAI live in the CLI's process."""
     import subprocess

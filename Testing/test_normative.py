@@ -14,8 +14,8 @@ from scipy import ndimage
 from NormativeAnomalyLib.errors import ModelPackageError
 from NormativeAnomalyLib.models.package import load_package, write_package
 from NormativeAnomalyLib.normative import STORAGE_STRIDE, NormativeStatistics, deviation_map
-from NormativeAnomalyLib.training.normative import (ScanSums, cross_fitted_calibration, fit_statistics,
-                                                    healthy_region)
+from NormativeAnomalyLib.training.normative import ScanSums, cross_fitted_calibration, fit_statistics
+from NormativeAnomalyLib.training.scans import healthy_region
 
 SHAPE = (24, 28, 24)
 SPACING = (2.0, 2.0, 2.0)

@@ -19,6 +19,7 @@ from NormativeAnomalyLib.models.networks import build_network
 from NormativeAnomalyLib.registration import identity_registration
 from NormativeAnomalyLib.simulation import simulate_mass
 from NormativeAnomalyLib.training import coarse_noise
+from NormativeAnomalyLib.training.scans import LESION_SUFFIX
 
 
 def _brain(template):
@@ -129,7 +130,7 @@ def patient_case(template, tmp_path_factory):
     z, y, x = np.indices(brain.shape)
     ball = ((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2) * 4.0 <= 8.0 ** 2
     sitk.WriteImage(template.image, str(folder / "p1_t1.nii.gz"))
-    sitk.WriteImage(sitk_from_array(ball.astype(np.uint8), template.image), str(folder / "p1_seg.nii.gz"))
+    sitk.WriteImage(sitk_from_array(ball.astype(np.uint8), template.image), str(folder / f"p1{LESION_SUFFIX}"))
     return folder, ball
 
 
@@ -206,7 +207,7 @@ def test_every_shipped_training_config_loads_and_builds_its_network():
         if path.stem.endswith("_gpu"):  # varies its CPU config: same model, on a GPU, its own outputs
             cpu = load_config(folder / f"{path.stem[:-4]}.json")
             assert config["device"] == "cuda" and config["name"] == cpu["name"]
-            assert config["train_cases"] == cpu.get("train_cases") and config["checkpoint"] != cpu["checkpoint"]
+            assert config.get("train_cases") == cpu.get("train_cases") and config["checkpoint"] != cpu["checkpoint"]
 
 
 def test_a_gpu_config_on_a_machine_without_one_says_so(template_t1_path, tmp_path, monkeypatch):

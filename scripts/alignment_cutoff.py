@@ -33,6 +33,7 @@ from NormativeAnomalyLib.registration import register_to_template  # noqa: E402
 from NormativeAnomalyLib.resources import demo_case  # noqa: E402
 from NormativeAnomalyLib.simulation import chest_phantom  # noqa: E402
 from NormativeAnomalyLib.templates import load_template  # noqa: E402
+from NormativeAnomalyLib.training.scans import LESION_SUFFIX  # noqa: E402
 from NormativeAnomalyLib.volume_io import validate_volume  # noqa: E402
 
 RAW = REPO / "data" / "raw"
@@ -90,7 +91,7 @@ def brats_cases(folder: Path, modality: str) -> list[tuple[str, str, sitk.Image]
     """Real skull-stripped scans with tumours (should pass), and the same scans as failures: another
     contrast, or stored upside down / back to front (should be refused)."""
     read = lambda path: sitk.ReadImage(str(path), sitk.sitkFloat32)  # noqa: E731
-    names = sorted(path.name[:-len("_seg.nii.gz")] for path in folder.glob("*_seg.nii.gz"))
+    names = sorted(path.name[:-len(LESION_SUFFIX)] for path in folder.glob(f"*{LESION_SUFFIX}"))
     own = modality.lower()
     others = tuple(contrast for contrast in ("t1", "t2", "flair") if contrast != own)
     found = [(f"BraTS {case} {own.upper()}", "pass", read(folder / f"{case}_{own}.nii.gz")) for case in names]

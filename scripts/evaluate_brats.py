@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from NormativeAnomalyLib.evaluation import auprc, best_dice, dice, package_for
 from NormativeAnomalyLib.models import available_models, resolve_model
 from NormativeAnomalyLib.errors import RegistrationError
 from NormativeAnomalyLib.pipeline import RunOptions, alignment_cutoff, check_alignment, detect_anomalies
+from NormativeAnomalyLib.training.scans import LESION_SUFFIX
 from NormativeAnomalyLib.training.normative import fold_networks, leave_out, scan_sums
 from NormativeAnomalyLib.volume_io import read_volume
 
@@ -87,16 +87,37 @@ class ModelScore:
 
 
 def find_cases(folder: Path, limit: int | None = None) -> list[str]:
-    cases = sorted(re.sub(r"_seg\.nii\.gz$", "", p.name) for p in folder.glob("*_seg.nii.gz"))
+    cases = sorted(p.name[:-len(LESION_SUFFIX)] for p in folder.glob(f"*{LESION_SUFFIX}"))
     return cases[:limit] if limit else cases
 
 
 def load_case(folder: Path, case: str, contrast: str) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
     """(image, whole tumour, brain) with the arrays in (z, y, x)."""
     image = read_volume(folder / f"{case}_{contrast}.nii.gz")
-    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{case}_seg.nii.gz"))) > 0
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{case}{LESION_SUFFIX}"))) > 0
     brain = (sitk.GetArrayViewFromImage(image) > 0) | truth
     return image, truth, brain
+
+
+# How a case is re-acquired before it is scored (the location statistics keep the scans as they are):
+# thick axial slices (5 mm, each the mean of five 1 mm slices), or the same voxels stored in
+# another orientation (sagittal slices first), as Slicer may load them.
+ACQUISITIONS = {
+    "as-is": None,
+    "thick-5mm": lambda image: sitk.BinShrink(image, [1, 1, 5]),
+    "sagittal-storage": lambda image: sitk.DICOMOrient(image, "ASL"),
+}
+
+
+def acquired_case(folder: Path, case: str, contrast: str, acquisition: str) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
+    """``load_case`` after ``ACQUISITIONS[acquisition]``: the label follows onto the new grid (nearest)."""
+    image, truth, brain = load_case(folder, case, contrast)
+    if ACQUISITIONS[acquisition] is None:
+        return image, truth, brain
+    acquired = ACQUISITIONS[acquisition](image)
+    label = sitk.ReadImage(str(folder / f"{case}{LESION_SUFFIX}"), sitk.sitkUInt8)
+    truth = sitk.GetArrayFromImage(sitk.Resample(label, acquired, sitk.Transform(), sitk.sitkNearestNeighbor)) > 0
+    return acquired, truth, (sitk.GetArrayViewFromImage(acquired) > 0) | truth
 
 
 def intensity_alone(image: sitk.Image, brain: np.ndarray, bright: bool) -> np.ndarray:
@@ -132,6 +153,9 @@ def training_cost(package) -> str:
     return f"{training['seconds'] / 60:.0f} min, {training.get('device', 'CPU')}"
 
 
+REGISTRATIONS: dict[tuple, dict] = {}  # (contrast, template, registration kind, skull option) -> case -> Registration
+
+
 def location_sums(package, networks: list, folder: Path, contrast: str, registrations: dict,
                   skull_stripped: bool | None) -> list:
     """Healthy residual sums of every case the package's location statistics were fitted on, each
@@ -142,7 +166,7 @@ def location_sums(package, networks: list, folder: Path, contrast: str, registra
         if not (folder / f"{case}_{contrast}.nii.gz").is_file():
             raise SystemExit(f"{package.name} was fitted on {case}, which is not in {folder}: cannot leave it out")
         image, _, _ = load_case(folder, case, contrast)
-        label = sitk.ReadImage(str(folder / f"{case}_seg.nii.gz"), sitk.sitkUInt8)
+        label = sitk.ReadImage(str(folder / f"{case}{LESION_SUFFIX}"), sitk.sitkUInt8)
         scan, registrations[case] = scan_sums(package_for(case, networks), image, label, case,
                                               settings["smoothing_mm"], settings["lesion_margin_mm"],
                                               registrations.get(case), skull_stripped=skull_stripped)
@@ -151,7 +175,8 @@ def location_sums(package, networks: list, folder: Path, contrast: str, registra
 
 
 def evaluate_model(model: str, contrast: str, folder: Path, cases: list[str], keep: dict,
-                   skull_stripped: bool | None = None, folds: list[str] = ()) -> list[ModelScore]:
+                   skull_stripped: bool | None = None, folds: list[str] = (),
+                   acquisition: str = "as-is") -> list[ModelScore]:
     """The model's scores; for a model with location statistics, also its plain residual's (same
     registration and network, no statistics: AUPRC and best Dice only, as its calibration is the
     statistics'). Each case is scored by a network that did not learn from it (the package or one
@@ -167,21 +192,26 @@ def evaluate_model(model: str, contrast: str, folder: Path, cases: list[str], ke
     if any(network is not networks[0] for network in plain.values()):
         print(f"  {package.name}: each case scored by a fold that did not learn from it", flush=True)
     seen = [case for case in seen_cases(package) if case in cases]
-    registrations = {}
+    # Models of a contrast mostly share a template: each case is registered to it once.
+    registrations = REGISTRATIONS.setdefault((contrast, package.template.name,
+                                              package.card["preprocessing"]["registration"], skull_stripped), {})
     sums = location_sums(package, networks, folder, contrast, registrations, skull_stripped) if seen else []
     if seen:
         print(f"  {package.name}: statistics fitted on {len(seen)} of these cases, refitted without each", flush=True)
     for case in cases:
-        image, truth, brain = load_case(folder, case, contrast)
+        image, truth, brain = acquired_case(folder, case, contrast, acquisition)
         start = time.perf_counter()
         if case in seen:
             scored_by = leave_out(plain[case], sums, {case})
         else:
             scored_by = dataclasses.replace(plain[case], normative=package.normative)
+        reuse = registrations.get(case) if acquisition == "as-is" else None  # another grid: registered anew
         run = detect_anomalies(image, scored_by, RunOptions(device="cpu", accept_poor_alignment=True,
-                                                            registration=registrations.get(case),
+                                                            registration=reuse,
                                                             skull_stripped=skull_stripped))
-        seconds = time.perf_counter() - start + (registrations[case].seconds if case in registrations else 0.0)
+        seconds = time.perf_counter() - start + (reuse.seconds if reuse is not None else 0.0)
+        if acquisition == "as-is":
+            registrations[case] = run.registration
         scores = sitk.GetArrayFromImage(run.anomaly_map)
         predicted = run.segmentation.mask
         score = score_case(case, scores, truth, brain)
@@ -203,10 +233,10 @@ def evaluate_model(model: str, contrast: str, folder: Path, cases: list[str], ke
     return [result] + ([ablation] if ablation.cases else [])
 
 
-def evaluate_intensity(contrast: str, folder: Path, cases: list[str]) -> ModelScore:
+def evaluate_intensity(contrast: str, folder: Path, cases: list[str], acquisition: str = "as-is") -> ModelScore:
     result = ModelScore("intensity alone", contrast)
     for case in cases:
-        image, truth, brain = load_case(folder, case, contrast)
+        image, truth, brain = acquired_case(folder, case, contrast, acquisition)
         result.cases.append(score_case(case, intensity_alone(image, brain, BRIGHT[contrast]), truth, brain))
     return result
 
@@ -218,11 +248,15 @@ def models_for(contrast: str, requested: list[str] | None) -> list[str]:
             if resolve_model(entry["name"]).card["modality"] == CONTRASTS[contrast]]
 
 
-def markdown(results: list[ModelScore], cases: list[str]) -> str:
+def markdown(results: list[ModelScore], cases: list[str], acquisition: str = "as-is") -> str:
     def cell(value: float, digits: int = 3) -> str:
         return "–" if not np.isfinite(value) else f"{value:.{digits}f}"
 
-    lines = ["# Real lesions: BraTS development cases", "",
+    title = "# Real lesions: BraTS development cases"
+    if acquisition != "as-is":
+        title += (f", re-acquired ({acquisition}: every case as `ACQUISITIONS` in the script makes it before it "
+                  "is scored; the location statistics come from the scans as they are)")
+    lines = [title, "",
              f"Generated by `scripts/evaluate_brats.py` on the {len(cases)} development cases of "
              "`../shared/data/brats-dev` (real pre-operative gliomas, skull-stripped, 1 mm). Whole tumour "
              "(label > 0) within the brain; mean over cases. Dice at the calibrated threshold is what a user "
@@ -238,7 +272,9 @@ def markdown(results: list[ModelScore], cases: list[str]) -> str:
              "healthy tissue at the same template location) fitted on them, as its card says, is scored on each "
              "case by a copy fitted without that case (leave-one-case-out: statistics and calibration from the "
              "other nine cases' tissue over 10 mm from their tumours); its row \"without location statistics\" "
-             "is the same run's plain residual (threshold-free figures only).",
+             "is the same run's plain residual (threshold-free figures only). A row named after a folder other "
+             "than its model (e.g. dae-flair-input1) is the same network with other scoring settings, fitted and "
+             "scored the same way: a switch measured. Training: the time and device in the model's card.",
              "", "| contrast | model | AUPRC | best Dice | Dice @ calibrated | mL outside tumour | refused | "
              "s / volume | training |", "|---|---|---|---|---|---|---|---|---|"]
     for result in results:
@@ -257,7 +293,7 @@ def markdown(results: list[ModelScore], cases: list[str]) -> str:
     return "\n".join(lines)
 
 
-def figure(folder: Path, keep: dict, results: list[ModelScore], path: Path) -> None:
+def figure(folder: Path, keep: dict, results: list[ModelScore], path: Path, acquisition: str = "as-is") -> None:
     """One row per (contrast, model) kept: input + expert outline, pseudo-healthy, anomaly map,
     segmentation vs expert, on the slice with the most tumour."""
     import matplotlib
@@ -271,7 +307,7 @@ def figure(folder: Path, keep: dict, results: list[ModelScore], path: Path) -> N
     fig, axes = plt.subplots(len(rows), 4, figsize=(8, 2.1 * len(rows)), squeeze=False)
     for row, (contrast, model) in enumerate(rows):
         case = keep[contrast]
-        image, truth, _ = load_case(folder, case, contrast)
+        image, truth, _ = acquired_case(folder, case, contrast, acquisition)
         values = sitk.GetArrayFromImage(image)
         healthy, scores, predicted, threshold = keep[(contrast, model)]
         k = int(np.argmax(truth.sum(axis=(1, 2))))
@@ -297,6 +333,28 @@ def figure(folder: Path, keep: dict, results: list[ModelScore], path: Path) -> N
     plt.close(fig)
 
 
+def earlier_training(model: str) -> str:
+    """The training column of a row written before the table had one: from the model's card."""
+    try:
+        return training_cost(resolve_model(model))
+    except Exception:  # an ablation row, or a model no longer installed
+        return "–"
+
+
+def with_earlier_rows(results: list[ModelScore], earlier: list[dict]) -> list[ModelScore]:
+    """``results`` and the earlier rows of models not in them, in contrast order (each contrast's
+    rows in their earlier order, new ones after)."""
+    rows = {(r.contrast, r.model): r for r in results}
+    for row in earlier:
+        if (row["contrast"], row["model"]) not in rows:
+            cases = [CaseScore(**case) for case in row["cases"]]
+            rows[(row["contrast"], row["model"])] = ModelScore(row["model"], row["contrast"], cases,
+                                                               row.get("training") or earlier_training(row["model"]))
+    position = {(row["contrast"], row["model"]): index for index, row in enumerate(earlier)}
+    return sorted(rows.values(), key=lambda r: (list(CONTRASTS).index(r.contrast),
+                                                position.get((r.contrast, r.model), len(position))))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -307,25 +365,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figure-case", help="the case shown in the figure (default: the first)")
     parser.add_argument("--folds", nargs="+", default=[],
                         help="package folders of the models' other folds (same name, trained on other cases)")
+    parser.add_argument("--acquisition", choices=list(ACQUISITIONS), default="as-is",
+                        help="re-acquire each case before scoring it: thick slices or another storage orientation")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the rows of --out/brats.json for models not evaluated in this run (models and "
+                             "pipeline unchanged since); the figure shows the rows evaluated now")
     parser.add_argument("--skull", choices=["detect", "stripped", "template"], default="detect",
                         help="brain scored: detected as a run does (default), the scan's own, or the template's")
     args = parser.parse_args(argv)
     cases = find_cases(args.data, args.cases)
     if not cases:
-        raise SystemExit(f"no BraTS cases (*_seg.nii.gz) in {args.data}")
+        raise SystemExit(f"no BraTS cases (*{LESION_SUFFIX}) in {args.data}")
     keep: dict = {contrast: args.figure_case or cases[0] for contrast in args.contrasts}
     results = []
     for contrast in args.contrasts:
-        results.append(evaluate_intensity(contrast, args.data, cases))
+        results.append(evaluate_intensity(contrast, args.data, cases, args.acquisition))
         for model in models_for(contrast, args.models):
             print(f"{CONTRASTS[contrast]} {model}: {len(cases)} cases", flush=True)
             results += evaluate_model(model, contrast, args.data, cases, keep,
-                                      {"detect": None, "stripped": True, "template": False}[args.skull], args.folds)
+                                      {"detect": None, "stripped": True, "template": False}[args.skull], args.folds,
+                                      args.acquisition)
+    if args.reuse and (args.out / "brats.json").is_file():
+        results = with_earlier_rows(results, json.loads((args.out / "brats.json").read_text()))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "brats.md").write_text(markdown(results, cases))
+    (args.out / "brats.md").write_text(markdown(results, cases, args.acquisition))
     (args.out / "brats.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
-    figure(args.data, keep, results, args.out / "brats.png")
-    print(markdown(results, cases))
+    figure(args.data, keep, results, args.out / "brats.png", args.acquisition)
+    print(markdown(results, cases, args.acquisition))
     return 0
 
 

@@ -12,7 +12,7 @@ DATA="${1:-../shared/data/brats-dev}"
 NOTE="the healthy tissue of the 10 BraTS 2018 development cases (real, skull-stripped, 1 mm; Menze et al. 2015, Bakas et al. 2017, 2018)"
 folds() { echo --folds out/models/"$1"-fold-a out/models/"$1"-fold-b; }
 python scripts/fit_normative.py --model dae-t2 --data "$DATA" --suffix _t2.nii.gz --out Resources/Models/dae-t2 \
-  --overwrite --residual positive --scan-scale --default-fpr 0.005 --data-note "$NOTE" $(folds dae-t2)
+  --overwrite --residual positive --scan-scale --default-fpr 0.005 --data-note "$NOTE"
 python scripts/fit_normative.py --model dae-t1 --data "$DATA" --suffix _t1.nii.gz --out Resources/Models/dae-t1 \
   --overwrite --residual negative --scan-scale --default-fpr 0.005 --n4 with_skull --data-note "$NOTE" $(folds dae-t1)
 python scripts/fit_normative.py --model dae-flair --data "$DATA" --suffix _flair.nii.gz \

@@ -35,12 +35,12 @@ import SimpleITK as sitk  # noqa: E402
 from NormativeAnomalyLib.models import resolve_model  # noqa: E402
 from NormativeAnomalyLib.models.package import write_package  # noqa: E402
 from NormativeAnomalyLib.evaluation import package_for  # noqa: E402
-from NormativeAnomalyLib.training.normative import (LESION_MARGIN_MM, cross_fitted_calibration,  # noqa: E402
-                                                    fit_statistics, fold_networks, scan_sums)
+from NormativeAnomalyLib.training.normative import (cross_fitted_calibration, fit_statistics,  # noqa: E402
+                                                    fold_networks, scan_sums)
+from NormativeAnomalyLib.training.scans import LESION_MARGIN_MM, LESION_SUFFIX  # noqa: E402
 from NormativeAnomalyLib.templates import load_template  # noqa: E402
 from NormativeAnomalyLib.volume_io import read_volume  # noqa: E402
 
-LESION_SUFFIX = "_seg.nii.gz"
 LICENCE_NOTE = "Location statistics (normative.safetensors):"
 
 
@@ -54,8 +54,10 @@ def describe_scoring(description: str, scoring: dict) -> str:
     description = description.split(" Scoring: the ")[0]
     description = re.sub(r"[;,]? the (absolute|positive|negative) residual is the anomaly map", "", description).rstrip()
     scaled = ", divided by the scan's own median deviation" if scoring.get("scan_normalisation") == "median" else ""
-    return (f"{description} Scoring: the {SIGNS[scoring['residual']]} residual as a deviation from healthy tissue at "
-            f"the same template location (location-aware scoring, scoring.normative){scaled}.")
+    plus = (f" plus the input's own intensity (weight {scoring['input_weight']:g}, scoring.input_weight)"
+            if scoring.get("input_weight") else "")
+    return (f"{description} Scoring: the {SIGNS[scoring['residual']]} residual{plus} as a deviation from healthy "
+            f"tissue at the same template location (location-aware scoring, scoring.normative){scaled}.")
 
 
 def find_scans(folder: Path, suffix: str) -> list[tuple[str, Path, Path | None]]:

@@ -17,20 +17,20 @@ python scripts/synthesise_flair_template.py
 python scripts/build_population.py
 python scripts/build_population.py --modality T2
 python scripts/build_population.py --modality FLAIR
-# The DAEs learn from patients' healthy tissue too (train_cases): folds for the evaluation, then
-# the package on every case. dae-flair starts from dae-t2's weights, so that comes first.
-for name in dae-t2 dae-flair dae-t1; do
-  scripts/train_folds.sh "scripts/configs/${name//-/_}.json"
-  rm -rf "Resources/Models/$name" && cp -r "out/models/$name" "Resources/Models/$name"
-done
 T1_MODELS="ae-t1 vae-t1 gan-t1 ddpm-t1 ddpm-simplex-t1 ae3d-t1"
-for name in $T1_MODELS; do
+for name in dae-t2 $T1_MODELS; do
   config="scripts/configs/${name//-/_}.json"
   # ddpm-simplex-t1 continues ddpm-t1's training (1500 steps, coarse noise) with simplex noise
   if [ "$name" = ddpm-simplex-t1 ] && [ ! -f out/checkpoints/ddpm-simplex-t1.pt ]; then
     cp out/checkpoints/ddpm-t1.pt out/checkpoints/ddpm-simplex-t1.pt
   fi
   python scripts/train.py "$config" --overwrite
+  rm -rf "Resources/Models/$name" && cp -r "out/models/$name" "Resources/Models/$name"
+done
+# dae-t1 and dae-flair learn from patients' healthy tissue too (train_cases): folds for the
+# evaluation, then the package on every case. dae-flair starts from dae-t2's weights.
+for name in dae-t1 dae-flair; do
+  scripts/train_folds.sh "scripts/configs/${name//-/_}.json"
   rm -rf "Resources/Models/$name" && cp -r "out/models/$name" "Resources/Models/$name"
 done
 python scripts/build_resources.py --only intensity

@@ -147,15 +147,29 @@ def _parser() -> argparse.ArgumentParser:
                          "~/.local/share/normative-anomaly/models)")
     install.add_argument("--overwrite", action="store_true", help="replace an installed package of the same name")
 
-    serve = commands.add_parser("serve", help="the web app: open the printed address in a browser "
-                                "(needs the web requirements, see README)")
-    try:
-        from NormativeAnomalyWeb.server import add_arguments
-    except ImportError:  # the web package is not installed (Slicer's copy of the library)
-        pass
-    else:
-        add_arguments(serve)
+    for register in front_end_commands():
+        register(commands)
     return parser
+
+
+# Entry-point group through which front ends (the web app's ``serve``) add their commands.
+COMMANDS_GROUP = "normative_anomaly.commands"
+
+
+def front_end_commands() -> list[Callable[[Any], None]]:
+    """The installed front ends' command registrars; one whose requirements are missing is left out
+    (Slicer's copy of the library has none)."""
+    from importlib.metadata import entry_points
+
+    found = entry_points()
+    group = found.select(group=COMMANDS_GROUP) if hasattr(found, "select") else found.get(COMMANDS_GROUP, [])
+    registrars = []
+    for entry in group:
+        try:
+            registrars.append(entry.load())
+        except ImportError:
+            continue
+    return registrars
 
 
 class _Progress:
@@ -362,16 +376,6 @@ def _install(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    try:
-        from NormativeAnomalyWeb.server import serve
-        import trame_slicer  # noqa: F401
-    except ImportError as error:
-        raise NormativeAnomalyError(f"the web app needs its requirements ({error.name} is missing): "
-                                    "pip install -r requirements-test.txt") from None
-    return serve(args)
-
-
 def _print_summary(summary: dict[str, Any], out: Path, as_json: bool) -> None:
     if as_json:
         from .outputs import standard_json
@@ -431,8 +435,8 @@ def _main(args: argparse.Namespace) -> int:
             return _models(args)
         if args.command == "batch":
             return _batch(args)
-        if args.command == "serve":
-            return _serve(args)
+        if getattr(args, "run_command", None) is not None:  # a front end's command
+            return args.run_command(args)
         if args.command == "demo":
             from .resources import demo_case
 

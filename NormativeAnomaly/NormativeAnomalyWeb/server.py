@@ -1,4 +1,5 @@
-"""``normative-anomaly serve``: start the web app (the CLI's ``serve`` command calls ``serve``).
+"""``normative-anomaly serve``: start the web app. The command is this package's to add
+(``register_command``, found by the CLI through the ``normative_anomaly.commands`` entry point).
 
 Safe by default: it listens on 127.0.0.1 only, shares only the bundled sample data and the
 folders given with ``--data-dir``, and keeps uploads and downloads in its own work folder,
@@ -14,6 +15,25 @@ from pathlib import Path
 
 DEFAULT_PORT = 8080
 MAX_PORT = 65535
+
+
+def register_command(commands: argparse._SubParsersAction) -> None:
+    """Add ``serve`` to the CLI's commands."""
+    command = commands.add_parser("serve", help="the web app: open the printed address in a browser "
+                                  "(needs the web requirements, docs/web.md)")
+    add_arguments(command)
+    command.set_defaults(run_command=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from NormativeAnomalyLib.errors import NormativeAnomalyError
+
+    try:
+        import trame_slicer  # noqa: F401
+    except ImportError as error:
+        raise NormativeAnomalyError(f"the web app needs its requirements ({error.name} is missing): "
+                                    "pip install -r requirements-web.txt") from None
+    return serve(args)
 
 
 def port_number(text: str) -> int:

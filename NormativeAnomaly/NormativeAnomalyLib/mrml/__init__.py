@@ -16,7 +16,8 @@ Every function takes the scene or nodes it works on; nothing here reads ``slicer
 """
 
 from .live_segmentation import LiveSegmentation, SegmentationEditedError, SegmentationFrozenError
-from .result_nodes import ResultNodes, add_result_nodes, find_results, load_run
+from .result_nodes import ResultNodes, add_result_nodes, find_results
+from .run_controller import load_run
 
 __all__ = ["LiveSegmentation", "SegmentationEditedError", "SegmentationFrozenError", "ResultNodes", "add_result_nodes", "find_results",
            "load_run"]

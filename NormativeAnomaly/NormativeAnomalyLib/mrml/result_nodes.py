@@ -187,24 +187,3 @@ def find_results(scene, input_volume=None) -> list[ResultNodes]:
         if input_volume is None or result.input_volume is input_volume:
             results.append(result)
     return results
-
-
-def load_run(scene, input_volume, outputs: RunOutputs, monitor: Monitor | None = None, color_logic=None):
-    """Add a finished run to the scene, styled and segmented at its threshold: (nodes, live segmentation).
-
-    All-or-nothing: if anything fails or the monitor cancels, the scene is left as it was.
-    """
-    from .display import style_result
-    from .live_segmentation import LiveSegmentation
-
-    nodes = add_result_nodes(scene, input_volume, outputs, monitor)
-    try:
-        style_result(nodes, color_logic)
-        live = LiveSegmentation(nodes, new_result=True)
-        live.update()
-        (monitor or Monitor()).check()
-    except BaseException:
-        nodes.remove()
-        raise
-    return nodes, live
-

@@ -1,4 +1,5 @@
-"""One analysis in a child process: temporary folder, ``normative-anomaly run``, loading the result.
+"""One analysis in a child process: temporary folder, ``normative-anomaly run``, loading the result
+into a scene (``load_run``, also for a run folder made elsewhere).
 
 No GUI here: the Slicer module's Logic and the web app call these same functions (the Slicer
 widget polls the handle with a QTimer, the web app with an asyncio task). The scene, the
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from NormativeAnomalyLib.background import SKULL_OPTIONS, BackgroundRun, RunState, run_command
+from NormativeAnomalyLib.progress import Monitor
+from NormativeAnomalyLib.run_outputs import RunOutputs, read_run_folder
 
 try:
     from slicer.i18n import tr as _
@@ -203,13 +206,31 @@ def cancel_finished(handle: RunHandle) -> bool:
     return True
 
 
+def load_run(scene, input_volume, outputs: RunOutputs, monitor: Monitor | None = None, color_logic=None):
+    """Add a finished run to the scene, styled and segmented at its threshold: (nodes, live segmentation).
+
+    All-or-nothing: if anything fails or the monitor cancels, the scene is left as it was.
+    """
+    from .display import style_result
+    from .live_segmentation import LiveSegmentation
+    from .result_nodes import add_result_nodes
+
+    nodes = add_result_nodes(scene, input_volume, outputs, monitor)
+    try:
+        style_result(nodes, color_logic)
+        live = LiveSegmentation(nodes, new_result=True)
+        live.update()
+        (monitor or Monitor()).check()
+    except BaseException:
+        nodes.remove()
+        raise
+    return nodes, live
+
+
 def finish_run(handle: RunHandle, scene, color_logic=None):
     """Load a finished run into the scene (all or nothing) and remove the temporary folder.
 
     Returns (ResultNodes, LiveSegmentation); raises RunFailedError with the child's one-line message."""
-    from NormativeAnomalyLib.mrml import load_run
-    from NormativeAnomalyLib.run_outputs import read_run_folder
-
     try:
         state = handle.poll()
         if state.running:

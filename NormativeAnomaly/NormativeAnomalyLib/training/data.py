@@ -12,56 +12,32 @@ reconstructs), 3D models on whole volumes.
 
 from __future__ import annotations
 
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..model_space import ModelSpaceInput, prepare_model_input, to_model_space
-from ..registration import Registration, identity_registration, register_to_template
+from ..model_space import prepare_model_input
+from ..registration import identity_registration, register_to_template
 from ..templates import Template
 from ..volume_io import read_volume
+from .scans import LESION_MARGIN_MM, LESION_SUFFIX, healthy_region, prepare_scan
 
 # (normalised image, brain mask), both (z, y, x) on the template grid
 HealthyVolume = tuple[np.ndarray, np.ndarray]
 # A healthy volume and the voxels its loss counts (None: all of them)
 TrainingVolume = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
-LESION_SUFFIX = "_seg.nii.gz"
 # A 2D model learns little healthy tissue from a slice whose brain is mostly lesion and margin.
 MAX_EXCLUDED_FRACTION = 0.5
-
-
-def prepare_scan(image: sitk.Image, template: Template, preprocessing: dict, lesion: sitk.Image | None = None,
-                 skull_stripped: bool | None = None, registration: Registration | None = None,
-                 ) -> tuple[ModelSpaceInput, np.ndarray | None, Registration]:
-    """A scan in model space as a run prepares it (``skull_stripped``: as the run option, None
-    detects), and its lesion label (voxels > 0, on the scan's grid) mapped there too."""
-    from ..pipeline import RunOptions, bias_correction, input_brain_mask
-
-    brain_mask, mask_name, stripped = input_brain_mask(image, RunOptions(skull_stripped=skull_stripped))
-    if registration is None:
-        registration = register_to_template(image, template.registration_target(stripped),
-                                            preprocessing["registration"])
-    model_input = prepare_model_input(image, template, registration, preprocessing["normalisation"], brain_mask,
-                                      bias_correction({"preprocessing": preprocessing}, None, stripped), mask_name)
-    lesion_array = None
-    if lesion is not None:
-        lesion_mask = sitk.Cast(lesion > 0, sitk.sitkUInt8)
-        lesion_array = sitk.GetArrayFromImage(to_model_space(lesion_mask, template, registration,
-                                                             sitk.sitkNearestNeighbor)).astype(bool)
-    return model_input, lesion_array, registration
 
 
 def load_lesion_cases(config: dict[str, Any], template: Template, normalisation: dict) -> list[TrainingVolume]:
     """The healthy tissue of patients' scans (``train_cases``: ``data`` folder, file ``suffix``,
     ``cases``, ``lesion_margin_mm``, ``repeat``): each scan with its lesion, dilated by the margin,
     out of the loss; listed ``repeat`` times so that a few real scans weigh against a population."""
-    from .normative import LESION_MARGIN_MM, healthy_region
-
     spec = config.get("train_cases")
     if not spec:
         return []

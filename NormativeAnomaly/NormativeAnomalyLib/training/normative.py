@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from ..normative import NormativeStatistics, deviation_map
 from ..scoring import Calibration
+from .scans import LESION_MARGIN_MM, healthy_region, prepare_scan
 
 # Spread floor, in model intensity units (1 = the scan's 1st-99th percentile range): keeps a
 # location where healthy residuals barely vary from turning noise into huge deviations.
@@ -20,16 +21,6 @@ MIN_SPREAD = 0.01
 # Weight of the global mean and spread at every voxel, in scans: a voxel covered by one scan
 # is half global, one covered by all of them is mostly its own.
 PRIOR_SCANS = 1.0
-# Healthy tissue is taken this far from any labelled lesion (oedema and mass effect reach beyond labels).
-LESION_MARGIN_MM = 10.0
-
-
-def healthy_region(scored: np.ndarray, lesion: np.ndarray | None, spacing_zyx: tuple[float, float, float],
-                   margin_mm: float = LESION_MARGIN_MM) -> np.ndarray:
-    """The scored voxels farther than ``margin_mm`` from any lesion voxel."""
-    if lesion is None or not lesion.any():
-        return scored.astype(bool)
-    return scored & (ndimage.distance_transform_edt(~lesion.astype(bool), sampling=spacing_zyx) > margin_mm)
 
 
 @dataclass(frozen=True)
@@ -97,7 +88,6 @@ def scan_sums(package, image, lesion_on_input, case: str, smoothing_mm: float,
     from ..device import select_device
     from ..inference import run_inference
     from ..scoring import residual_map, scoring_mask
-    from .data import prepare_scan
 
     card, template = package.card, package.template
     model_input, lesion, registration = prepare_scan(image, template, card["preprocessing"], lesion_on_input,
