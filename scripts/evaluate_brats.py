@@ -79,6 +79,7 @@ class ModelScore:
     contrast: str
     cases: list[CaseScore] = field(default_factory=list)
     training: str = "–"  # training time and device
+    reused: bool = False  # kept from an earlier run (--reuse), not measured by this one
 
     def mean(self, name: str) -> float:
         values = [getattr(case, name) for case in self.cases]
@@ -279,11 +280,15 @@ def markdown(results: list[ModelScore], cases: list[str], acquisition: str = "as
              "s / volume | training |", "|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         refused = sum(c.refused for c in result.cases) if np.isfinite(result.mean("dice_calibrated")) else None
-        lines.append(f"| {CONTRASTS[result.contrast]} | {result.model} | {cell(result.mean('auprc'))} | "
+        lines.append(f"| {CONTRASTS[result.contrast]} | {result.model}{' †' if result.reused else ''} | "
+                     f"{cell(result.mean('auprc'))} | "
                      f"{cell(result.mean('best_dice'))} | {cell(result.mean('dice_calibrated'))} | "
                      f"{cell(result.mean('outside_ml'), 1)} | "
                      f"{'–' if refused is None else f'{refused}/{len(result.cases)}'} | "
                      f"{cell(result.mean('seconds'), 1) if refused is not None else '–'} | {result.training} |")
+    if any(result.reused for result in results):
+        lines += ["", "† measured by an earlier run of this script (`--reuse`: the model and the pipeline have not "
+                  "changed since) and kept; the other rows were measured by this run."]
     lines += ["", "Published on BraTS (other splits and training sets, so a guide only):", "",
               "| contrast | method | AUPRC | best Dice | Dice |", "|---|---|---|---|---|"]
     lines += [f"| {c} | {m} | {a or '–'} | {b or '–'} | {d or '–'} |" for c, m, a, b, d in PUBLISHED]
@@ -343,16 +348,19 @@ def earlier_training(model: str) -> str:
 
 def with_earlier_rows(results: list[ModelScore], earlier: list[dict]) -> list[ModelScore]:
     """``results`` and the earlier rows of models not in them, in contrast order (each contrast's
-    rows in their earlier order, new ones after)."""
+    rows evaluated now first, then the earlier ones in their order)."""
     rows = {(r.contrast, r.model): r for r in results}
     for row in earlier:
         if (row["contrast"], row["model"]) not in rows:
             cases = [CaseScore(**case) for case in row["cases"]]
             rows[(row["contrast"], row["model"])] = ModelScore(row["model"], row["contrast"], cases,
-                                                               row.get("training") or earlier_training(row["model"]))
+                                                               row.get("training") or earlier_training(row["model"]),
+                                                               reused=True)
     position = {(row["contrast"], row["model"]): index for index, row in enumerate(earlier)}
-    return sorted(rows.values(), key=lambda r: (list(CONTRASTS).index(r.contrast),
-                                                position.get((r.contrast, r.model), len(position))))
+    now = [(r.contrast, r.model) for r in results]
+    return sorted(rows.values(), key=lambda r: (list(CONTRASTS).index(r.contrast), (r.contrast, r.model) not in now,
+                                                now.index((r.contrast, r.model)) if (r.contrast, r.model) in now
+                                                else position[(r.contrast, r.model)]))
 
 
 def main(argv: list[str] | None = None) -> int:

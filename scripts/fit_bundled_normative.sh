@@ -13,11 +13,14 @@ NOTE="the healthy tissue of the 10 BraTS 2018 development cases (real, skull-str
 folds() { echo --folds out/models/"$1"-fold-a out/models/"$1"-fold-b; }
 python scripts/fit_normative.py --model dae-t2 --data "$DATA" --suffix _t2.nii.gz --out Resources/Models/dae-t2 \
   --overwrite --residual positive --scan-scale --default-fpr 0.005 --data-note "$NOTE"
-python scripts/fit_normative.py --model dae-t1 --data "$DATA" --suffix _t1.nii.gz --out Resources/Models/dae-t1 \
-  --overwrite --residual negative --scan-scale --default-fpr 0.005 --n4 with_skull --data-note "$NOTE" $(folds dae-t1)
+for name in dae-t1 dae-t1-brats; do
+  python scripts/fit_normative.py --model $name --data "$DATA" --suffix _t1.nii.gz --out Resources/Models/$name \
+    --overwrite --residual negative --scan-scale --default-fpr 0.005 --n4 with_skull --data-note "$NOTE" \
+    $( [ $name = dae-t1-brats ] && folds dae-t1-brats )
+done
 python scripts/fit_normative.py --model dae-flair --data "$DATA" --suffix _flair.nii.gz \
-  --out Resources/Models/dae-flair --overwrite --residual positive --scan-scale --default-fpr 0.005 \
-  --data-note "$NOTE" $(folds dae-flair)
+  --out Resources/Models/dae-flair --overwrite --residual positive --scan-scale --input-weight 1 \
+  --default-fpr 0.005 --data-note "$NOTE" $(folds dae-flair)
 python scripts/synthesise_flair_template.py
 python scripts/fit_normative.py --model intensity-t1 --name intensity-flair --modality FLAIR \
   --template icbm152_2009c_flair_2mm --data "$DATA" --suffix _flair.nii.gz --out Resources/Models/intensity-flair \

@@ -17,7 +17,7 @@ python scripts/synthesise_flair_template.py
 python scripts/build_population.py
 python scripts/build_population.py --modality T2
 python scripts/build_population.py --modality FLAIR
-T1_MODELS="ae-t1 vae-t1 gan-t1 ddpm-t1 ddpm-simplex-t1 ae3d-t1"
+T1_MODELS="dae-t1 ae-t1 vae-t1 gan-t1 ddpm-t1 ddpm-simplex-t1 ae3d-t1"
 for name in dae-t2 $T1_MODELS; do
   config="scripts/configs/${name//-/_}.json"
   # ddpm-simplex-t1 continues ddpm-t1's training (1500 steps, coarse noise) with simplex noise
@@ -27,9 +27,9 @@ for name in dae-t2 $T1_MODELS; do
   python scripts/train.py "$config" --overwrite
   rm -rf "Resources/Models/$name" && cp -r "out/models/$name" "Resources/Models/$name"
 done
-# dae-t1 and dae-flair learn from patients' healthy tissue too (train_cases): folds for the
+# dae-t1-brats and dae-flair learn from patients' healthy tissue too (train_cases): folds for the
 # evaluation, then the package on every case. dae-flair starts from dae-t2's weights.
-for name in dae-t1 dae-flair; do
+for name in dae-t1-brats dae-flair; do
   scripts/train_folds.sh "scripts/configs/${name//-/_}.json"
   rm -rf "Resources/Models/$name" && cp -r "out/models/$name" "Resources/Models/$name"
 done
@@ -37,6 +37,6 @@ python scripts/build_resources.py --only intensity
 scripts/fit_bundled_normative.sh
 python scripts/make_test_set.py
 python scripts/make_test_set.py --modality T2
-python scripts/evaluate.py --data data/testset --models intensity-t1 dae-t1 $T1_MODELS --out docs/evaluation
+python scripts/evaluate.py --data data/testset --models intensity-t1 $T1_MODELS --out docs/evaluation
 python scripts/evaluate.py --data data/testset_t2 --models dae-t2 --out docs/evaluation/t2
 python scripts/evaluate_brats.py --folds out/models/*-fold-?
