@@ -40,7 +40,7 @@ import SimpleITK as sitk
 
 from NormativeAnomalyLib.evaluation import auprc, best_dice, dice, package_for
 from NormativeAnomalyLib.models import available_models, resolve_model
-from NormativeAnomalyLib.errors import RegistrationError
+from NormativeAnomalyLib.errors import ModelPackageError, RegistrationError
 from NormativeAnomalyLib.pipeline import RunOptions, alignment_cutoff, check_alignment, detect_anomalies
 from NormativeAnomalyLib.training.scans import LESION_SUFFIX
 from NormativeAnomalyLib.training.normative import fold_networks, leave_out, scan_sums
@@ -342,7 +342,7 @@ def earlier_training(model: str) -> str:
     """The training column of a row written before the table had one: from the model's card."""
     try:
         return training_cost(resolve_model(model))
-    except Exception:  # an ablation row, or a model no longer installed
+    except ModelPackageError:  # an ablation row, or a model no longer installed
         return "–"
 
 

@@ -6,9 +6,9 @@ ends in a calibrated package), ``calibration`` (thresholds as healthy false-posi
 """
 
 from .calibration import calibrate
-from .data import augment, brain_slices, coarse_noise, load_healthy
+from .data import augment, coarse_noise, load_healthy
 from .loop import plot_losses, train_model
 from .objectives import FAMILIES
 
-__all__ = ["FAMILIES", "augment", "brain_slices", "calibrate", "coarse_noise", "load_healthy", "plot_losses",
+__all__ = ["FAMILIES", "augment", "calibrate", "coarse_noise", "load_healthy", "plot_losses",
            "train_model"]

@@ -34,6 +34,13 @@ TrainingVolume = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 MAX_EXCLUDED_FRACTION = 0.5
 
 
+def training_preprocessing(config: dict[str, Any], normalisation: dict) -> dict[str, Any]:
+    """How the package being trained prepares inputs (its card's ``preprocessing``): patients' scans
+    are prepared so too. N4 is off: the card's setting may be changed after training (fit_normative)."""
+    return {"registration": config.get("registration", "affine"), "bias_correction": False,
+            "normalisation": normalisation}
+
+
 def load_lesion_cases(config: dict[str, Any], template: Template, normalisation: dict) -> list[TrainingVolume]:
     """The healthy tissue of patients' scans (``train_cases``: ``data`` folder, file ``suffix``,
     ``cases``, ``lesion_margin_mm``, ``repeat``): each scan with its lesion, dilated by the margin,
@@ -42,8 +49,7 @@ def load_lesion_cases(config: dict[str, Any], template: Template, normalisation:
     if not spec:
         return []
     folder, margin = Path(spec["data"]), float(spec.get("lesion_margin_mm", LESION_MARGIN_MM))
-    preprocessing = {"registration": config.get("registration", "affine"),
-                     "bias_correction": config.get("bias_correction", False), "normalisation": normalisation}
+    preprocessing = training_preprocessing(config, normalisation)
     spacing_zyx = tuple(reversed(template.image.GetSpacing()))
     volumes: list[TrainingVolume] = []
     for case in spec["cases"]:
@@ -85,12 +91,6 @@ def _slices_kept(brain: np.ndarray, in_loss: np.ndarray | None) -> np.ndarray:
         excluded = (brain & ~in_loss).sum(axis=(1, 2))
         kept &= excluded <= MAX_EXCLUDED_FRACTION * area
     return kept
-
-
-def brain_slices(volumes: list[HealthyVolume]) -> np.ndarray:
-    """Axial slices with brain in them (the slices inference reconstructs), stacked as (n, y, x)."""
-    kept = [image[brain.any(axis=(1, 2))] for image, brain in volumes]
-    return np.concatenate(kept).astype(np.float16)
 
 
 def training_samples(volumes: list[HealthyVolume] | list[TrainingVolume], dims: int,

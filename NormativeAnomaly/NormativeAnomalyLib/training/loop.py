@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..models.package import ModelPackage, write_package
 from ..templates import Template, load_template
 from .calibration import calibrate
-from .data import draw_batch, load_healthy, load_lesion_cases, training_samples
+from .data import draw_batch, load_healthy, load_lesion_cases, training_preprocessing, training_samples
 from .objectives import Objective, objective_for
 
 DEFAULT_SCORING = {"residual": "absolute", "mask_erosion_mm": 2.0, "median_filter_voxels": 3,
@@ -174,8 +174,7 @@ def _card(config: dict[str, Any], objective: Objective, template: Template, norm
         "description": config.get("description", f"{objective.family.upper()} normative model."),
         "modality": config.get("modality", "T1"), "dims": int(config.get("dims", 2)),
         "template": {"name": template.name}, "grid": {"size": size, "spacing": spacing},
-        "preprocessing": {"registration": config.get("registration", "affine"), "bias_correction": False,
-                          "normalisation": normalisation},
+        "preprocessing": training_preprocessing(config, normalisation),
         "network": config["network"], "weights": None,
         "inference": {"batch_size": int(config.get("inference_batch_size", 16)), **objective.inference_settings()},
         "scoring": config.get("scoring", DEFAULT_SCORING),
