@@ -10,7 +10,8 @@ from slicer.util import VTKObservationMixin
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
-from NormativeAnomalyLib.background import SKULL_OPTIONS
+from NormativeAnomalyLib.options import (DEVICES, DIFFUSION_DEFAULTS, DIFFUSION_NOISE_KINDS, DIFFUSION_RANGES,
+                                         MIN_LESION_MM3_MAX, SKULL_CHOICES, RunOptions)
 from NormativeAnomalySlicer.sample_data import registerSampleData
 from NormativeAnomalySlicer.self_test import NormativeAnomalySelfTests
 
@@ -58,17 +59,17 @@ class NormativeAnomalyParameterNode:
     brainMask: Optional[vtkMRMLLabelMapVolumeNode]
     modelName: str = ""
     # Choice is required by the parameter node wrapper to bind a str to a QComboBox.
-    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
-    alreadyInTemplateSpace: bool = False
-    acceptPoorAlignment: bool = False
-    skull: Annotated[str, Choice(list(SKULL_OPTIONS))] = "detect"
-    noiseLevel: Annotated[int, WithinRange(1, 1000)] = 250
-    diffusionSteps: Annotated[int, WithinRange(1, 100)] = 10
-    samples: Annotated[int, WithinRange(1, 32)] = 1
-    diffusionNoise: Annotated[str, Choice(["gaussian", "simplex", "coarse"])] = "coarse"
+    device: Annotated[str, Choice(list(DEVICES))] = RunOptions.device
+    alreadyInTemplateSpace: bool = RunOptions.registered
+    acceptPoorAlignment: bool = RunOptions.accept_poor_alignment
+    skull: Annotated[str, Choice(list(SKULL_CHOICES))] = "detect"
+    noiseLevel: Annotated[int, WithinRange(*DIFFUSION_RANGES["noise_level"])] = DIFFUSION_DEFAULTS["noise_level"]
+    diffusionSteps: Annotated[int, WithinRange(*DIFFUSION_RANGES["steps"])] = DIFFUSION_DEFAULTS["steps"]
+    samples: Annotated[int, WithinRange(*DIFFUSION_RANGES["samples"])] = DIFFUSION_DEFAULTS["samples"]
+    diffusionNoise: Annotated[str, Choice(list(DIFFUSION_NOISE_KINDS))] = DIFFUSION_DEFAULTS["noise"]
     activeResult: Optional[vtkMRMLSegmentationNode]
     threshold: Annotated[float, WithinRange(0.0, 1.0e6)] = 0.0
-    minLesionMm3: Annotated[float, WithinRange(0.0, 5000.0)] = 0.0
+    minLesionMm3: Annotated[float, WithinRange(0.0, MIN_LESION_MM3_MAX)] = 0.0
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     fade: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     showUncertainty: bool = False  # the uncertainty map as the overlay, when the active result has one
@@ -236,14 +237,17 @@ class NormativeAnomalyLogic(ScriptedLoadableModuleLogic):
         from NormativeAnomalyLib.mrml import run_controller
         from NormativeAnomalyLib.models.registry import card_diffusion_settings, is_diffusion_model
 
+        if skull not in SKULL_CHOICES:
+            raise ValueError(_("Unknown skull setting {skull!r}: one of {choices}.").format(
+                skull=skull, choices=", ".join(SKULL_CHOICES)))
         card = self.modelCard(modelName)
         if diffusion and card is not None and not is_diffusion_model(card):
             logging.warning(f"NormativeAnomaly: {modelName} is not a diffusion model: diffusion settings ignored")
             diffusion = None
-        return run_controller.start_run(inputVolume, modelName, device, alreadyInTemplateSpace, brainMask,
-                                        slicer.app.temporaryPath, diffusion=diffusion,
-                                        diffusion_card=card_diffusion_settings(card),
-                                        accept_poor_alignment=acceptPoorAlignment, skull=skull)
+        options = RunOptions(device=device, registered=alreadyInTemplateSpace, diffusion=diffusion,
+                             accept_poor_alignment=acceptPoorAlignment, skull_stripped=SKULL_CHOICES[skull])
+        return run_controller.start_run(inputVolume, modelName, options, brainMask, slicer.app.temporaryPath,
+                                        diffusion_card=card_diffusion_settings(card))
 
     def waitForRun(self, handle, timeoutSeconds: float = 3600.0):
         """Block (keeping the application responsive) until the run ends; returns its RunState."""

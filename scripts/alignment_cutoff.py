@@ -10,31 +10,29 @@ other contrasts).
 Each input goes through what a run does first (skull detection, registration to the template or,
 for a skull-stripped input, to its brain, the model-space steps). Uses data/raw (scripts/fetch_data.py) and the BraTS development cases where present, and the files
 shipped in the repository. Prints one row per input and whether the shipped cut-off
-(pipeline.alignment_cutoff) separates them.
+(model_space.alignment_cutoff) separates them.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "NormativeAnomaly"))
 
-from NormativeAnomalyLib.errors import NormativeAnomalyError, RegistrationError  # noqa: E402
-from NormativeAnomalyLib.model_space import prepare_model_input  # noqa: E402
-from NormativeAnomalyLib.pipeline import (MIN_BRAIN_OVERLAP, TISSUE_ORDER_MINIMA, RunOptions,  # noqa: E402
-                                          alignment_cutoff, check_alignment, input_brain_mask)
-from NormativeAnomalyLib.registration import register_to_template  # noqa: E402
-from NormativeAnomalyLib.resources import demo_case  # noqa: E402
-from NormativeAnomalyLib.simulation import chest_phantom  # noqa: E402
-from NormativeAnomalyLib.templates import load_template  # noqa: E402
-from NormativeAnomalyLib.training.scans import LESION_SUFFIX  # noqa: E402
-from NormativeAnomalyLib.volume_io import validate_volume  # noqa: E402
+from NormativeAnomalyLib.errors import NormativeAnomalyError, RegistrationError
+from NormativeAnomalyLib.model_space import (MIN_BRAIN_OVERLAP, TISSUE_ORDER_MINIMA,
+                                             alignment_cutoff, check_alignment, prepare_model_input)
+from NormativeAnomalyLib.pipeline import RunOptions, input_brain_mask
+from NormativeAnomalyLib.registration import register_to_template
+from NormativeAnomalyLib.resources import demo_case
+from NormativeAnomalyLib.simulation import chest_phantom
+from NormativeAnomalyLib.templates import load_template
+from NormativeAnomalyLib.training.scans import LESION_SUFFIX
+from NormativeAnomalyLib.volume_io import validate_volume
 
 RAW = REPO / "data" / "raw"
 NORMALISATION = {"method": "percentile", "lower": 1.0, "upper": 99.0, "clip": [0.0, 1.5]}

@@ -20,11 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "NormativeAnomaly"))
-sys.path.insert(0, str(REPO / "scripts"))
 
-from benchmark_run import cpu_model, tilted_default_input  # noqa: E402
+from benchmark_run import cpu_model, tilted_default_input
 
 TARGET_SECONDS = {"ddpm": 120.0, "intensity": None}
 DEFAULT_TARGET = 10.0

@@ -27,12 +27,11 @@ import numpy as np
 import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "NormativeAnomaly"))
 
-from NormativeAnomalyLib.mrml import load_run  # noqa: E402
-from NormativeAnomalyLib.mrml.scene import create_scene  # noqa: E402
-from NormativeAnomalyLib.resources import demo_case  # noqa: E402
-from NormativeAnomalyLib.run_outputs import RunOutputs, read_run_folder  # noqa: E402
+from NormativeAnomalyLib.mrml import load_run
+from NormativeAnomalyLib.mrml.scene import create_scene
+from NormativeAnomalyLib.resources import demo_case
+from NormativeAnomalyLib.run_folder import RunOutputs, read_run_folder
 
 
 def demo_run(run_dir: Path | None, work: Path) -> Path:

@@ -21,11 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "Testing"))
+from NormativeAnomalyWeb.browser import (VIEWPORT, browser_available, browser_page, click_slider, run_model,
+                                         segment_voxels, wait_for_quiet, web_server)
 
-from web_browser import (VIEWPORT, browser_available, browser_page, click_slider, run_model,  # noqa: E402
-                         segment_voxels, wait_for_quiet, web_server)
+REPO = Path(__file__).resolve().parent.parent
 
 TARGET_MS = 250.0
 

@@ -42,10 +42,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "NormativeAnomaly"))
 
-from NormativeAnomalyLib.population import healthy_variants, register_anatomy  # noqa: E402
-from NormativeAnomalyLib.templates import load_template  # noqa: E402
+from NormativeAnomalyLib.population import healthy_variants, register_anatomy
+from NormativeAnomalyLib.templates import load_template
 
 RAW = REPO / "data" / "raw"
 TEMPLATE = "icbm152_2009c_t1_2mm"

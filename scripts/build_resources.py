@@ -29,16 +29,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "NormativeAnomaly"))
-sys.path.insert(0, str(REPO / "scripts"))
+from NormativeAnomalyLib.models.package import write_package
+from NormativeAnomalyLib.resources import DEMO_CASE_FILE
+from NormativeAnomalyLib.scoring import Calibration
+from NormativeAnomalyLib.simulation import simulate_mass
+from NormativeAnomalyLib.templates import resample_to_grid, write_template
+from NormativeAnomalyLib.training.calibration import recalibrate
 
-from NormativeAnomalyLib.models.package import write_package  # noqa: E402
-from NormativeAnomalyLib.resources import DEMO_CASE_FILE  # noqa: E402
-from NormativeAnomalyLib.scoring import Calibration  # noqa: E402
-from calibrate import recalibrate  # noqa: E402
-from NormativeAnomalyLib.simulation import simulate_mass  # noqa: E402
-from NormativeAnomalyLib.templates import write_template  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 RAW = REPO / "data" / "raw"
 RESOURCES = REPO / "Resources"
@@ -55,22 +53,6 @@ CALIBRATION_DATA = ("24 synthetic healthy variants of Colin27 (held out from all
                     "scripts/build_population.py")
 
 
-def _resample_to_grid(image: sitk.Image, size, spacing, transform=None, interpolator=sitk.sitkLinear,
-                      pixel=sitk.sitkFloat32) -> sitk.Image:
-    """Resample onto an axis-aligned grid of ``size`` x ``spacing`` centred on ``image``'s centre."""
-    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    origin = np.asarray(centre) - direction @ (np.asarray(spacing) * (np.asarray(size) - 1) / 2)
-    reference = sitk.Image([int(s) for s in size], pixel)
-    reference.SetSpacing(spacing)
-    reference.SetDirection(image.GetDirection())
-    reference.SetOrigin(origin.tolist())
-    if interpolator != sitk.sitkNearestNeighbor:  # anti-alias before going coarser
-        sigma = [max((s - o) / 2, 0.0) for s, o in zip(spacing, image.GetSpacing())]
-        image = sitk.SmoothingRecursiveGaussian(image, sigma) if max(sigma) > 0 else image
-    return sitk.Resample(image, reference, transform or sitk.Transform(), interpolator, 0.0, pixel)
-
-
 def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
             and np.allclose(a.GetOrigin(), b.GetOrigin()) and np.allclose(a.GetDirection(), b.GetDirection()))
@@ -84,9 +66,9 @@ def build_template(modality: str = "T1") -> None:
     mask = sitk.ReadImage(str(RAW / "icbm2009c" / "brain_mask.nii"), sitk.sitkFloat32)
     if not _same_grid(source, mask):
         raise SystemExit(f"icbm2009c/{file} is not on the brain mask's grid; fetch it again")
-    image = _resample_to_grid(source, GRID_SIZE, GRID_SPACING)
+    image = resample_to_grid(source, GRID_SIZE, GRID_SPACING)
     image = sitk.Cast(sitk.RescaleIntensity(image, 0, 1000), sitk.sitkInt16)
-    brain = sitk.Cast(_resample_to_grid(mask, GRID_SIZE, GRID_SPACING) > 0.5, sitk.sitkUInt8)
+    brain = sitk.Cast(resample_to_grid(mask, GRID_SIZE, GRID_SPACING) > 0.5, sitk.sitkUInt8)
     folder = RESOURCES / "Templates" / name
     write_template(folder, name, image, brain,
                    f"ICBM 2009c nonlinear symmetric {modality} (with skull) and brain mask, 2 mm, 96x112x96",
@@ -136,8 +118,8 @@ def build_demo_case() -> None:
     tilt.SetRotation(np.deg2rad(7.0), np.deg2rad(-4.0), np.deg2rad(3.0))
     tilt.SetTranslation((4.0, -6.0, 3.0))
     size, spacing = (116, 140, 116), (1.5, 1.5, 1.5)
-    image = _resample_to_grid(t1, size, spacing, tilt)
-    brain = _resample_to_grid(brain, size, spacing, tilt) > 0.5
+    image = resample_to_grid(t1, size, spacing, tilt)
+    brain = resample_to_grid(brain, size, spacing, tilt) > 0.5
     values = sitk.GetArrayFromImage(image)
     brain_zyx = sitk.GetArrayFromImage(brain).astype(bool)
     values *= 1000.0 / np.percentile(values[brain_zyx], 99)

@@ -16,27 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "NormativeAnomaly"))
-
-import torch  # noqa: E402
-
-from NormativeAnomalyLib.models.package import load_package, write_package  # noqa: E402
-from NormativeAnomalyLib.training import calibrate, load_healthy  # noqa: E402
-
-
-def recalibrate(package_dir: Path, population: Path | None, volumes: list[str], description: str,
-                device: str = "cpu", limit: int | None = None) -> None:
-    package = load_package(package_dir)
-    config = {"calibration_population": str(population) if population else None, "calibration_volumes": volumes}
-    healthy = load_healthy(config, "calibration", package.template, package.card["preprocessing"]["normalisation"])
-    healthy = healthy[:limit] if limit else healthy  # slow models (diffusion): fewer volumes
-    calibration = calibrate(package, healthy, torch.device(device))
-    card = dict(package.card, calibration={"data": description, "fpr": list(calibration.fpr),
-                                           "threshold": list(calibration.threshold)})
-    write_package(package_dir, card, package.state_dict, overwrite=True)
-    print(f"{package.name}: threshold at 1% healthy FPR {calibration.threshold_for_fpr(0.01):.4f} "
-          f"({len(healthy)} healthy volumes)")
+from NormativeAnomalyLib.training.calibration import recalibrate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.population and not args.volumes:
         parser.error("give --population or --volumes")
-    recalibrate(args.package, args.population, args.volumes, args.data, args.device, args.limit)
+    calibration = recalibrate(args.package, args.population, args.volumes, args.data, args.device, args.limit)
+    print(f"{args.package}: threshold at 1% healthy FPR {calibration.threshold_for_fpr(0.01):.4f}")
     return 0
 
 

@@ -18,106 +18,16 @@ per healthy scan: volume flagged at the calibrated threshold; seconds per volume
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import re
 import sys
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "NormativeAnomaly"))
-
-from NormativeAnomalyLib.evaluation import auprc, auroc, best_dice, detected_lesions, dice  # noqa: E402
-from NormativeAnomalyLib.models import resolve_model  # noqa: E402
-from NormativeAnomalyLib.pipeline import RunOptions, detect_anomalies  # noqa: E402
-from NormativeAnomalyLib.registration import register_to_template  # noqa: E402
-from NormativeAnomalyLib.volume_io import read_volume  # noqa: E402
-
-PAIR_PATTERNS = [(r"(.+)_image\.nii\.gz$", "{}_mask.nii.gz"), (r"(.+)_t1\.nii\.gz$", "{}_seg.nii.gz"),
-                 (r"(.+)_T1w\.nii\.gz$", "{}_label-L_mask.nii.gz")]
-
-
-def find_cases(folder: Path) -> list[dict]:
-    types = {}
-    if (folder / "cases.csv").is_file():
-        with open(folder / "cases.csv") as stream:
-            types = {row["case"]: row["type"] for row in csv.DictReader(stream)}
-    cases = []
-    for path in sorted(folder.iterdir()):
-        for pattern, mask_name in PAIR_PATTERNS:
-            match = re.match(pattern, path.name)
-            if match:
-                name = match.group(1)
-                mask = folder / mask_name.format(name)
-                kind = types.get(name, "lesion" if mask.is_file() else "healthy")
-                cases.append({"case": name, "image": path, "mask": mask if mask.is_file() else None, "type": kind})
-    return cases
-
-
-class Registrations:
-    """Each case registered once per (template, kind) and reused by every model: the models are
-    then compared on identical inputs, and the evaluation takes a fraction of the time."""
-
-    def __init__(self) -> None:
-        self.cache: dict[tuple[str, str, str], tuple[object, float]] = {}
-
-    def __call__(self, case: str, image: sitk.Image, package) -> tuple[object, float]:
-        kind = package.card["preprocessing"]["registration"]
-        key = (case, package.template.name, kind)
-        if key not in self.cache:
-            start = time.perf_counter()
-            registration = register_to_template(image, package.template.image, kind)
-            self.cache[key] = (registration, time.perf_counter() - start)
-        return self.cache[key]
-
-
-def evaluate_model(model: str, cases: list[dict], keep_maps: set[str], registrations: Registrations) -> dict:
-    package = resolve_model(model)
-    pooled = defaultdict(lambda: {"scores": [], "truth": [], "predicted": [], "hit": 0, "lesions": 0})
-    healthy, seconds, maps = {}, [], {}
-    for case in cases:
-        image = read_volume(case["image"])
-        registration, registration_seconds = registrations(case["case"], image, package)
-        start = time.perf_counter()
-        # A research measure: every case is scored, even one under the alignment cut-off.
-        options = RunOptions(device="cpu", registration=registration, accept_poor_alignment=True)
-        result = detect_anomalies(image, package, options)
-        # Seconds per volume as a user sees them: registration counted for every model.
-        seconds.append(time.perf_counter() - start + registration_seconds)
-        scores = sitk.GetArrayFromImage(result.anomaly_map)
-        region = sitk.GetArrayViewFromImage(result.brain_mask) > 0
-        predicted = result.segmentation.mask
-        if case["case"] in keep_maps:
-            maps[case["case"]] = (result.pseudo_healthy, result.anomaly_map, result.segmentation.threshold)
-        if case["mask"] is None:
-            healthy[case["case"]] = round(sum(l.volume_ml for l in result.segmentation.lesions), 3)
-            continue
-        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case["mask"]))) > 0.5  # a label map: not read_volume
-        region |= truth
-        entry = pooled[case["type"]]
-        entry["scores"].append(scores[region])
-        entry["truth"].append(truth[region])
-        entry["predicted"].append(predicted[region])
-        hit, count = detected_lesions(predicted, truth)
-        entry["hit"] += hit
-        entry["lesions"] += count
-        print(f"  {package.name} {case['case']}: Dice {dice(predicted, truth):.3f}, {seconds[-1]:.1f} s", flush=True)
-    rows = {}
-    for kind, entry in pooled.items():
-        scores, truth = np.concatenate(entry["scores"]), np.concatenate(entry["truth"])
-        rows[kind] = {"dice_calibrated": dice(np.concatenate(entry["predicted"]), truth),
-                      "best_dice": best_dice(scores, truth)[0], "auprc": auprc(scores, truth),
-                      "auroc": auroc(scores, truth), "detected": entry["hit"], "lesions": entry["lesions"],
-                      "prevalence": float(truth.mean())}
-    return {"model": package.name, "family": package.family, "types": rows, "healthy_flagged_ml": healthy,
-            "seconds_per_volume": float(np.mean(seconds)), "threshold_fpr": package.card["scoring"]["default_fpr"],
-            "maps": maps}
-
+from NormativeAnomalyLib.evaluation import Registrations, evaluate_model, find_cases
+from NormativeAnomalyLib.models import resolve_model
+from NormativeAnomalyLib.volume_io import read_volume
 
 def markdown(results: list[dict], cases: list[dict]) -> str:
     kinds = sorted({c["type"] for c in cases if c["mask"] is not None})

@@ -41,7 +41,8 @@ import SimpleITK as sitk
 from NormativeAnomalyLib.evaluation import auprc, best_dice, dice, package_for
 from NormativeAnomalyLib.models import available_models, resolve_model
 from NormativeAnomalyLib.errors import ModelPackageError, RegistrationError
-from NormativeAnomalyLib.pipeline import RunOptions, alignment_cutoff, check_alignment, detect_anomalies
+from NormativeAnomalyLib.model_space import alignment_cutoff, check_alignment
+from NormativeAnomalyLib.pipeline import RunOptions, detect_anomalies
 from NormativeAnomalyLib.training.scans import LESION_SUFFIX
 from NormativeAnomalyLib.training.normative import fold_networks, leave_out, scan_sums
 from NormativeAnomalyLib.volume_io import read_volume

@@ -23,23 +23,20 @@ import argparse
 import dataclasses
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "NormativeAnomaly"))
 
-import SimpleITK as sitk  # noqa: E402
+import SimpleITK as sitk
 
-from NormativeAnomalyLib.models import resolve_model  # noqa: E402
-from NormativeAnomalyLib.models.package import write_package  # noqa: E402
-from NormativeAnomalyLib.evaluation import package_for  # noqa: E402
-from NormativeAnomalyLib.training.normative import (cross_fitted_calibration, fit_statistics,  # noqa: E402
+from NormativeAnomalyLib.models import resolve_model
+from NormativeAnomalyLib.models.package import write_package
+from NormativeAnomalyLib.evaluation import package_for
+from NormativeAnomalyLib.training.normative import (cross_fitted_calibration, fit_statistics,
                                                     fold_networks, scan_sums)
-from NormativeAnomalyLib.training.scans import LESION_MARGIN_MM, LESION_SUFFIX  # noqa: E402
-from NormativeAnomalyLib.templates import load_template  # noqa: E402
-from NormativeAnomalyLib.volume_io import read_volume  # noqa: E402
+from NormativeAnomalyLib.training.scans import LESION_MARGIN_MM, LESION_SUFFIX
+from NormativeAnomalyLib.templates import load_template
+from NormativeAnomalyLib.volume_io import read_volume
 
 LICENCE_NOTE = "Location statistics (normative.safetensors):"
 

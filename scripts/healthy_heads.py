@@ -13,17 +13,15 @@ default T1 model.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "NormativeAnomaly"))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from NormativeAnomalyLib.models import available_models, resolve_model  # noqa: E402
-from NormativeAnomalyLib.pipeline import RunOptions, detect_anomalies  # noqa: E402
-from NormativeAnomalyLib.volume_io import read_volume  # noqa: E402
+from NormativeAnomalyLib.models import available_models, resolve_model
+from NormativeAnomalyLib.pipeline import RunOptions, detect_anomalies
+from NormativeAnomalyLib.volume_io import read_volume
 
 HEADS = {
     "kmeans_head": REPO / "Testing" / "Data" / "itk_kmeans_t1.nii.gz",

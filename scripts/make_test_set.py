@@ -37,15 +37,12 @@ import numpy as np
 import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "NormativeAnomaly"))
-sys.path.insert(0, str(REPO / "scripts"))
 
-from build_resources import _resample_to_grid  # noqa: E402
-from NormativeAnomalyLib.input_space import to_input_grid  # noqa: E402
-from NormativeAnomalyLib.registration import register_to_template  # noqa: E402
-from NormativeAnomalyLib.simulation import LESION_KINDS, simulate_lesion  # noqa: E402
-from NormativeAnomalyLib.templates import load_template  # noqa: E402
-from NormativeAnomalyLib.volume_io import read_volume  # noqa: E402
+from NormativeAnomalyLib.input_space import to_input_grid
+from NormativeAnomalyLib.registration import register_to_template
+from NormativeAnomalyLib.simulation import LESION_KINDS, simulate_lesion
+from NormativeAnomalyLib.templates import load_template, resample_to_grid
+from NormativeAnomalyLib.volume_io import read_volume
 
 SEED = 100000
 
@@ -73,8 +70,8 @@ def tilted(source: sitk.Image, brain: sitk.Image, rng: np.random.Generator) -> t
     tilt.SetRotation(*np.deg2rad(rng.uniform(-8, 8, 3)))
     tilt.SetTranslation(rng.uniform(-6, 6, 3).tolist())
     size, spacing = (116, 140, 116), (1.5, 1.5, 1.5)
-    image = _resample_to_grid(source, size, spacing, tilt)
-    mask = sitk.GetArrayFromImage(_resample_to_grid(brain, size, spacing, tilt)) > 0.5
+    image = resample_to_grid(source, size, spacing, tilt)
+    mask = sitk.GetArrayFromImage(resample_to_grid(brain, size, spacing, tilt)) > 0.5
     values = sitk.GetArrayFromImage(image)
     values *= 1000.0 / np.percentile(values[mask], 99)
     reference = sitk.GetImageFromArray(values)

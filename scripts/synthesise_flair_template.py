@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "NormativeAnomaly"))
 
-import numpy as np  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
+import numpy as np
+import SimpleITK as sitk
 
-from NormativeAnomalyLib.templates import load_template, write_template  # noqa: E402
+from NormativeAnomalyLib.templates import load_template, write_template
 
 NAME = "icbm152_2009c_flair_2mm"
 # Typical FLAIR levels relative to white matter (CSF nulled by the inversion pulse).

@@ -26,11 +26,9 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "NormativeAnomaly"))
 
-from NormativeAnomalyLib.training import train_model  # noqa: E402
-from NormativeAnomalyLib.training.config import load_config  # noqa: E402
+from NormativeAnomalyLib.training import train_model
+from NormativeAnomalyLib.training.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:

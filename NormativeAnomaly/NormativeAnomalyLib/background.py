@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .progress import parse_progress_line
+from .options import RunOptions
+from .run_folder import parse_progress_line
 
 LIBRARY_PARENT = Path(__file__).resolve().parent.parent  # the folder holding NormativeAnomalyLib
 CLI_MODULE = "NormativeAnomalyLib.cli"
-# The front ends' skull settings and the CLI options that state them ("detect" states nothing).
-SKULL_OPTIONS = {"detect": [], "skull-stripped": ["--skull-stripped"], "with skull": ["--with-skull"]}
 
 
 @dataclass(frozen=True)
@@ -42,18 +41,16 @@ class RunState:
 
 
 def run_command(input_path: str | os.PathLike, out_dir: str | os.PathLike, model: str | None = None,
-                device: str = "auto", registered: bool = False, mask_path: str | os.PathLike | None = None,
-                extra_args: Sequence[str] = (), python: str | None = None) -> list[str]:
-    """The argv of a ``normative-anomaly run`` with progress lines."""
+                options: RunOptions | None = None, mask_path: str | os.PathLike | None = None,
+                python: str | None = None) -> list[str]:
+    """The argv of a ``normative-anomaly run`` with progress lines, writing what a front end reads back."""
     command = [python or sys.executable, "-m", CLI_MODULE, "run", str(input_path), "--out", str(out_dir),
-               "--device", device, "--progress-lines"]
+               "--progress-lines", "--maps-only"]
     if model:
         command += ["--model", model]
-    if registered:
-        command.append("--registered")
     if mask_path:
         command += ["--mask", str(mask_path)]
-    return command + list(extra_args)
+    return command + (options or RunOptions()).to_argv()
 
 
 class BackgroundRun:

@@ -7,7 +7,7 @@ once, and writes each case with ``outputs.write_outputs`` into ``<out>/<case_id>
 write is atomic (staging folder, then rename), so ``run.json`` present means a complete set:
 a rerun skips those cases, and a killed run loses at most the cases in flight. A failing case
 is recorded with its one-line error and the worker goes on, whatever the failure. Worker 0
-holds ``<out>``'s lock (``outputs.output_lock``) for the whole batch, so the workers of one
+holds ``<out>``'s lock (``run_folder.output_lock``) for the whole batch, so the workers of one
 batch share the folder and a second batch (or a run) into it is refused. Each worker appends one JSON line
 per case to ``<out>/.batch/rank-<r>.jsonl``; when every worker is done (a gloo barrier),
 worker 0 merges this run's lines into ``<out>/summary.csv``. Without torchrun the same code
@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from .errors import Cancelled, NormativeAnomalyError, OutputError, one_line
+from .options import RESULT_SETTINGS
+from .run_folder import (MAX_NAME_BYTES, RUN_JSON, RunSummary, check_output_folder, file_mode, output_folder,
+                         output_lock, read_run_summary, staging_folders, standard_json, unwritable)
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 SUMMARY_FILE, LOG_FOLDER = "summary.csv", ".batch"
@@ -38,8 +41,6 @@ SUMMARY_COLUMNS = ("case_id", "input", "status", "lesion_count", "lesion_volume_
 OK, FAILED, SKIPPED = "ok", "failed", "skipped-finished"
 # Settings that change a case's result: a rerun into the same --out must use the same ones,
 # otherwise finished and new cases would silently disagree.
-RESULT_SETTINGS = ("model", "registered", "threshold", "fpr", "min_lesion_mm3", "n4", "noise_level",
-                   "diffusion_steps", "samples", "diffusion_noise")
 # The barrier waits for the slowest worker's whole shard (hours on a big cohort), not the
 # default 30 minutes.
 BARRIER_TIMEOUT = timedelta(days=7)
@@ -154,8 +155,6 @@ def _with_case_ids(entries: list[tuple[Path, str | None]], source: Path) -> list
     """Given ids as they are (checked), others from the file stem, made unique in list order
     (``t1``, ``t1-2``, ...), so the same list always gives the same ids. Unique regardless of
     case (macOS and Windows folders), and never the summary's name."""
-    from .outputs import MAX_NAME_BYTES
-
     taken = {SUMMARY_FILE}
     for _, given in entries:
         if given is None:
@@ -258,8 +257,6 @@ def _from_worker_0(worker: Worker, value: Any) -> Any:
 def _batch_lock(out: Path, worker: Worker) -> Iterator[None]:
     """Worker 0 holds ``out``'s lock for the whole batch; every worker learns whether it got it,
     so the workers of a second batch stop at once too."""
-    from .outputs import output_lock
-
     with ExitStack() as held:
         refusal = None
         if worker.rank == 0:
@@ -291,30 +288,27 @@ def _wait_for_all(worker: Worker, cancel: Callable[[], bool]) -> None:
 # --- One case -----------------------------------------------------------------------------
 
 
-def _finished_record(case: Case, run_json: Path, settings: dict[str, Any]) -> dict[str, Any]:
+def _finished_record(case: Case, case_out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """A finished case: skipped, with its figures from run.json; or failed when that run was
     of another input or with other settings (its outputs are left as they are)."""
-    try:
-        previous = json.loads(run_json.read_text())
-    except (OSError, ValueError) as error:
-        return {"status": FAILED, "error": f"{run_json} cannot be read: {one_line(error)}"}
-    if previous.get("input") != str(case.input):
-        return {"status": FAILED, "error": f"{run_json.parent} holds the outputs of another input "
-                                           f"({previous.get('input')}); give this case another id or --out"}
-    earlier = previous.get("settings") or {}
+    previous = read_run_summary(case_out)
+    if previous.input != str(case.input):
+        return {"status": FAILED, "error": f"{case_out} holds the outputs of another input "
+                                           f"({previous.input}); give this case another id or --out"}
+    earlier = previous.settings
     changed = [f"{key} {earlier.get(key)!r} -> {settings.get(key)!r}" for key in RESULT_SETTINGS
                if earlier.get(key) != settings.get(key)]
     if changed:
-        return {"status": FAILED, "error": f"{run_json.parent} was finished with other settings "
+        return {"status": FAILED, "error": f"{case_out} was finished with other settings "
                                            f"({', '.join(changed)}); use another --out"}
     return {"status": SKIPPED} | _figures(previous)
 
 
-def _figures(run_summary: dict[str, Any]) -> dict[str, Any]:
+def _figures(summary: RunSummary) -> dict[str, Any]:
     """The summary's figures of a finished case, from its run.json (so a resumed summary shows
     the same figures as the run that made them)."""
-    return {"lesion_count": run_summary.get("lesion_count"), "lesion_volume_ml": run_summary.get("lesion_volume_ml"),
-            "threshold": run_summary.get("threshold")}
+    return {"lesion_count": summary.lesion_count, "lesion_volume_ml": summary.lesion_volume_ml,
+            "threshold": summary.threshold}
 
 
 def _case_record(case: Case, out: Path, package, options, settings: dict[str, Any], cancel: Callable[[], bool],
@@ -322,9 +316,8 @@ def _case_record(case: Case, out: Path, package, options, settings: dict[str, An
     """One case's record: finished before, run now, or failed with a one-line reason; only a
     Cancel stops the batch (one odd scan or folder must not stop a cohort)."""
     try:
-        run_json = out / case.case_id / "run.json"
-        if run_json.is_file():
-            return _finished_record(case, run_json, settings)
+        if (out / case.case_id / RUN_JSON).is_file():
+            return _finished_record(case, out / case.case_id, settings)
         return _run_case(case, out, package, options, settings, cancel)
     except Cancelled:
         raise
@@ -339,7 +332,7 @@ def _case_record(case: Case, out: Path, package, options, settings: dict[str, An
 def _run_case(case: Case, out: Path, package, options, settings: dict[str, Any],
               cancel: Callable[[], bool]) -> dict[str, Any]:
     """Run and write one case, its folder locked and checked before the work."""
-    from .outputs import check_output_folder, output_lock, staging_folders, write_outputs
+    from .outputs import write_outputs
     from .pipeline import detect_anomalies
     from .progress import Monitor
     from .volume_io import read_volume
@@ -354,15 +347,13 @@ def _run_case(case: Case, out: Path, package, options, settings: dict[str, Any],
         result = detect_anomalies(read_volume(case.input), package, options, Monitor(cancel=cancel))
         summary = write_outputs(result, case_out, settings | {"input": str(case.input)},
                                 extra_summary={"batch_case_id": case.case_id}, cancel=cancel)
-    return {"status": OK} | _figures(summary)
+    return {"status": OK} | _figures(RunSummary.from_json(summary))
 
 
 # --- The logs and the summary -------------------------------------------------------------
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:
     """One whole line per write on an O_APPEND file, synced: a killed worker leaves whole lines."""
-    from .outputs import standard_json
-
     data = (standard_json(record, indent=None) + "\n").encode()
     try:
         descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
@@ -393,24 +384,22 @@ def merge_summary(out: Path, cases: list[Case], run_id: str) -> list[dict[str, A
     records = {r["case_id"]: r for r in read_log_records(out) if r.get("run") == run_id}
     rows = []
     for case in sorted(cases, key=lambda c: c.case_id):
-        record = records.get(case.case_id) or _record_from_outputs(out / case.case_id / "run.json")
+        record = records.get(case.case_id) or _record_from_outputs(out / case.case_id)
         rows.append({column: record.get(column) for column in SUMMARY_COLUMNS}
                     | {"case_id": case.case_id, "input": str(case.input)})
     return rows
 
 
-def _record_from_outputs(run_json: Path) -> dict[str, Any]:
+def _record_from_outputs(case_out: Path) -> dict[str, Any]:
     try:
-        return {"status": SKIPPED} | _figures(json.loads(run_json.read_text()))
-    except (OSError, ValueError):
-        return {"status": FAILED, "error": f"no record of this case in {run_json.parent.parent / LOG_FOLDER}"}
+        return {"status": SKIPPED} | _figures(read_run_summary(case_out))
+    except OutputError:
+        return {"status": FAILED, "error": f"no record of this case in {case_out.parent / LOG_FOLDER}"}
 
 
 def write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
     """summary.csv, replaced whole (temporary file, then os.replace). A path that is not UTF-8
     is written escaped (\\udcff), so the file stays UTF-8."""
-    from .outputs import file_mode
-
     temporary = None
     try:
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -445,8 +434,6 @@ def run_batch(cases: list[Case], out: str | os.PathLike, package, options, setti
     """This worker's shard of ``cases`` with one loaded ``package``; on worker 0, after every
     worker is done, the merged summary. ``options`` is a ``pipeline.RunOptions`` used for every
     case; ``settings`` go into each run.json (the case's input is added)."""
-    from .outputs import output_folder
-
     worker = worker or Worker()
     out = output_folder(out)
     with _batch_lock(out, worker):
@@ -456,8 +443,6 @@ def run_batch(cases: list[Case], out: str | os.PathLike, package, options, setti
 def _run_shard(cases: list[Case], out: Path, package, options, settings: dict[str, Any], worker: Worker,
                cancel: Callable[[], bool], on_case: Callable[[str], None] | None,
                reraise_internal: bool) -> BatchResult:
-    from .outputs import unwritable
-
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a folder")
     try:

@@ -16,8 +16,8 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
 from .errors import Cancelled, NormativeAnomalyError, one_line
-
-EXIT_ERROR, EXIT_CANCELLED, EXIT_INTERNAL = 1, 130, 3
+from .options import DEVICES, DIFFUSION_FLAGS, DIFFUSION_NOISE_KINDS, PRECISIONS, RunOptions
+from .run_folder import EXIT_CANCELLED, EXIT_ERROR, EXIT_INTERNAL, EXIT_OK, ERROR_PREFIX, MESSAGE_PREFIX
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
     itself is in --help)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_ERROR, f"normative-anomaly: error: {one_line(message)} (see {self.prog} --help)\n")
+        self.exit(EXIT_ERROR, f"{ERROR_PREFIX}{one_line(message)} (see {self.prog} --help)\n")
 
 
 def finite_number(text: str) -> float:
@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                              if one_case else "output folder: one folder per case and summary.csv; rerun to resume")
         command.add_argument("--model", help="a model's name (bundled or installed), or a package folder's path "
                              "(./folder, /path/to/folder); default: the default model")
-        command.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+        command.add_argument("--device", default=RunOptions.device, choices=DEVICES)
         threshold = command.add_mutually_exclusive_group()  # two ways to say one thing
         threshold.add_argument("--threshold", type=non_negative_number,
                                help="anomaly-map threshold (default: calibrated, see --fpr); one beyond the model's "
@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
                              help="smallest lesion kept (default: the model's)")
         command.add_argument("--batch-size", type=_positive_integer,
                              help="slices per inference batch (default: the model's; on CUDA sized from free memory)")
-        command.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+        command.add_argument("--precision", default=RunOptions.precision, choices=PRECISIONS,
                              help="inference precision (auto: bf16 or fp16 on a GPU, fp32 on the CPU)")
         n4 = command.add_mutually_exclusive_group()
         n4.add_argument("--n4", dest="n4", action="store_const", const=True,
@@ -110,10 +110,10 @@ def _parser() -> argparse.ArgumentParser:
                              help="run even when the registered input does not look like the model's template "
                                   "(correlation under the cut-off: failed registration, non-brain, other contrast)")
         diffusion = command.add_argument_group("diffusion models (defaults: the model card's)")
-        diffusion.add_argument("--noise-level", type=int, help="forward steps of noise before denoising")
-        diffusion.add_argument("--diffusion-steps", type=int, help="DDIM steps back to the image (1: one-step x0)")
-        diffusion.add_argument("--samples", type=int, help="reconstructions averaged; >1 writes uncertainty_map")
-        diffusion.add_argument("--diffusion-noise", choices=["gaussian", "simplex", "coarse"], help="kind of noise")
+        diffusion.add_argument(DIFFUSION_FLAGS["noise_level"], type=int, help="forward steps of noise before denoising")
+        diffusion.add_argument(DIFFUSION_FLAGS["steps"], type=int, help="DDIM steps back to the image (1: one-step x0)")
+        diffusion.add_argument(DIFFUSION_FLAGS["samples"], type=int, help="reconstructions averaged; >1 writes uncertainty_map")
+        diffusion.add_argument(DIFFUSION_FLAGS["noise"], choices=DIFFUSION_NOISE_KINDS, help="kind of noise")
         if one_case:
             command.add_argument("--overwrite", action="store_true", help="replace outputs in a non-empty --out")
         command.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
@@ -121,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
         if one_case:
             command.add_argument("--progress-lines", action="store_true",
                                  help="machine-readable progress lines on stdout (for the Slicer and web front ends)")
+            command.add_argument("--maps-only", action="store_true",
+                                 help="write only run.json and the maps, what the Slicer and web front ends read back "
+                                      "(they segment and tabulate live)")
 
     run = commands.add_parser("run", help="detect anomalies in one volume")
     run.add_argument("input", type=Path, help="volume file (NIfTI, NRRD, MHA...) or DICOM series folder")
@@ -180,7 +183,7 @@ class _Progress:
 
     def __call__(self, stage: str, fraction: float) -> None:
         if self.lines:
-            from .progress import progress_line
+            from .run_folder import progress_line
 
             print(progress_line(stage, fraction), flush=True)
             return
@@ -203,7 +206,7 @@ class _Progress:
 
 def _run(args: argparse.Namespace, input_path: Path, extra: dict[str, Any]) -> dict[str, Any]:
     # Heavy imports only once the arguments are known to be good, so --help and errors are quick.
-    from .outputs import output_lock
+    from .run_folder import output_lock
 
     with output_lock(args.out):  # a second run into the same folder is refused, not raced
         return _run_locked(args, input_path, extra)
@@ -211,9 +214,10 @@ def _run(args: argparse.Namespace, input_path: Path, extra: dict[str, Any]) -> d
 
 def _run_locked(args: argparse.Namespace, input_path: Path, extra: dict[str, Any]) -> dict[str, Any]:
     from .models import resolve_model
-    from .outputs import check_output_folder, write_outputs
+    from .outputs import write_outputs
     from .pipeline import detect_anomalies
     from .progress import Monitor
+    from .run_folder import check_output_folder
     from .volume_io import read_mask, read_volume
 
     check_output_folder(args.out, args.overwrite)  # before any work: can it be written, may it be replaced
@@ -233,54 +237,45 @@ def _run_locked(args: argparse.Namespace, input_path: Path, extra: dict[str, Any
     if "truth" in extra:
         extra = {"demo_dice": _dice(result.segmentation.mask, extra.pop("truth"))} | extra
     summary = write_outputs(result, args.out, settings, overwrite=args.overwrite, extra_summary=extra,
-                            cancel=_cancel_requested.is_set)
+                            cancel=_cancel_requested.is_set, maps_only=args.maps_only)
     progress("writing", 1.0)
     return summary
 
 
 def _print_notice(message: str) -> None:
     """A fallback the user should know of (e.g. GPU out of memory, going on on the CPU): one line."""
-    print(f"normative-anomaly: note: {message}", file=sys.stderr, flush=True)
+    print(f"{MESSAGE_PREFIX}note: {message}", file=sys.stderr, flush=True)
 
 
 def _check_diffusion_options(args: argparse.Namespace, package) -> None:
-    diffusion_options = {"--noise-level": args.noise_level, "--diffusion-steps": args.diffusion_steps,
-                         "--samples": args.samples, "--diffusion-noise": args.diffusion_noise}
-    given = [flag for flag, value in diffusion_options.items() if value is not None]
+    asked = _run_options(args).diffusion or {}
+    given = [DIFFUSION_FLAGS[key] for key, value in asked.items() if value is not None]
     if given and package.family != "ddpm":
         raise NormativeAnomalyError(f"{', '.join(given)}: only for diffusion models; '{package.name}' is a "
                                     f"{package.family} model")
 
 
-def _run_options(args: argparse.Namespace, mask=None):
+def _run_options(args: argparse.Namespace, mask=None) -> RunOptions:
     """The pipeline's RunOptions from the options shared by run, demo and batch."""
-    from .pipeline import RunOptions
-
     return RunOptions(device=args.device, registered=getattr(args, "registered", False), brain_mask=mask,
                       threshold=args.threshold, fpr=args.fpr, min_lesion_mm3=args.min_lesion_mm3,
                       bias_correction=args.n4, batch_size=args.batch_size,
                       accept_poor_alignment=args.accept_poor_alignment, precision=args.precision,
-                      skull_stripped=args.skull_stripped, diffusion={"noise_level": args.noise_level, "steps": args.diffusion_steps,
-                                 "samples": args.samples, "noise": args.diffusion_noise})
+                      skull_stripped=args.skull_stripped,
+                      diffusion={key: getattr(args, flag[2:].replace("-", "_")) for key, flag in DIFFUSION_FLAGS.items()})
 
 
-def _run_settings(args: argparse.Namespace, package, options, input_path: Path | None) -> dict[str, Any]:
+def _run_settings(args: argparse.Namespace, package, options: RunOptions, input_path: Path | None) -> dict[str, Any]:
     """The settings recorded in run.json (batch compares them on resume)."""
-    return {"input": str(input_path) if input_path is not None else None, "model": args.model or package.name,
-            "device": args.device, "registered": options.registered,
-            "mask": str(args.mask) if getattr(args, "mask", None) else None,
-            "threshold": args.threshold, "fpr": args.fpr, "min_lesion_mm3": args.min_lesion_mm3,
-            "n4": args.n4, "accept_poor_alignment": args.accept_poor_alignment, "batch_size": args.batch_size,
-            "skull_stripped": args.skull_stripped,
-            "precision": args.precision, "noise_level": args.noise_level,
-            "diffusion_steps": args.diffusion_steps, "samples": args.samples, "diffusion_noise": args.diffusion_noise}
+    return options.settings(str(input_path) if input_path is not None else None, args.model or package.name,
+                            str(args.mask) if getattr(args, "mask", None) else None)
 
 
 def _batch(args: argparse.Namespace) -> int:
     """This worker's share of the cohort; worker 0 (the only one without torchrun) prints the summary."""
     from .batch import FAILED, OK, SKIPPED, read_cases, run_batch, start_worker, stop_worker
     from .models import resolve_model
-    from .outputs import standard_json
+    from .run_folder import standard_json
 
     cases = read_cases(args.cases, exclude=[args.out])
     worker = start_worker(args.device)
@@ -288,15 +283,16 @@ def _batch(args: argparse.Namespace) -> int:
         package = resolve_model(args.model)  # once per worker, for every case
         _check_diffusion_options(args, package)
         notice = _print_notice if worker.rank == 0 else None  # once per batch, not once per worker
-        options = _within_calibration(_run_options(args), package, notice)
+        asked = _run_options(args)
+        options = _within_calibration(asked, package, notice)
         quiet = args.quiet or args.json
-        result = run_batch(cases, args.out, package, options, _run_settings(args, package, options, None), worker,
+        result = run_batch(cases, args.out, package, options, _run_settings(args, package, asked, None), worker,
                            cancel=_cancel_requested.is_set, on_case=None if quiet else lambda line: print(line, flush=True),
                            reraise_internal=args.debug)
     finally:
         stop_worker(worker)
     if result.summary is None:  # not worker 0: worker 0 reports for all
-        return 0
+        return EXIT_OK
     failed = result.count(FAILED)
     if args.json:
         print(standard_json({"summary": str(result.summary), "cases": result.rows}))
@@ -306,7 +302,7 @@ def _batch(args: argparse.Namespace) -> int:
         print(f"summary in {result.summary}")
     # 0 once every case was tried, failed ones included (they are in the summary): a non-zero
     # exit would make torchrun treat the launch as failed, and restart it with --max-restarts.
-    return 0
+    return EXIT_OK
 
 
 def _within_calibration(options, package, notice: Callable[[str], None] | None):
@@ -335,7 +331,7 @@ def _models(args: argparse.Namespace) -> int:
     """The bundled packages, then those installed with ``models install`` (a broken one is listed
     with its error instead of stopping the listing)."""
     from .models import available_models, installed_model_names, resolve_model
-    from .outputs import standard_json
+    from .run_folder import standard_json
     from .resources import user_models_dir
 
     entries = [(entry["name"], entry["path"], entry["default"], entry["default_for_modality"], False)
@@ -364,7 +360,7 @@ def _models(args: argparse.Namespace) -> int:
                 print(f"{row['name']}{mark}: unusable - {row['error']}")
             else:
                 print(f"{row['name']}{mark}: {row['family']}, {row['modality']}, {row['dims']}D - {row['description']}")
-    return 0
+    return EXIT_OK
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -373,12 +369,12 @@ def _install(args: argparse.Namespace) -> int:
 
     folder = install_package(args.archive, args.models_dir or user_models_dir(), overwrite=args.overwrite)
     print(f"installed model '{folder.name}' in {folder}")
-    return 0
+    return EXIT_OK
 
 
 def _print_summary(summary: dict[str, Any], out: Path, as_json: bool) -> None:
     if as_json:
-        from .outputs import standard_json
+        from .run_folder import standard_json
 
         print(standard_json(summary))
         return
@@ -445,20 +441,20 @@ def _main(args: argparse.Namespace) -> int:
         else:
             summary = _run(args, args.input, {})
         _print_summary(summary, args.out, args.json)
-        return 0
+        return EXIT_OK
     except Cancelled as error:
-        print(f"normative-anomaly: {error}", file=sys.stderr)
+        print(f"{MESSAGE_PREFIX}{error}", file=sys.stderr)
         return EXIT_CANCELLED
     except NormativeAnomalyError as error:
-        print(f"normative-anomaly: error: {error}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("normative-anomaly: interrupted; nothing was written", file=sys.stderr)
+        print(f"{MESSAGE_PREFIX}interrupted; nothing was written", file=sys.stderr)
         return EXIT_CANCELLED
     except Exception as error:  # an internal bug: still one line, unless --debug
         if args.debug:
             raise
-        print(f"normative-anomaly: internal error ({type(error).__name__}: {error}); rerun with --debug and "
+        print(f"{MESSAGE_PREFIX}internal error ({type(error).__name__}: {error}); rerun with --debug and "
               "report it", file=sys.stderr)
         return EXIT_INTERNAL
 

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from .errors import NormativeAnomalyError
+from .options import DEVICES, PRECISIONS
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Share of the GPU memory usable at the first batch that sized batches may take: the per-slice
 # figure is measured on one batch, and convolution workspaces or fragmentation need not scale

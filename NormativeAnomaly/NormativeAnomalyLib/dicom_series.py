@@ -17,8 +17,9 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputVolumeError
-from .sitk_guard import first_line, image_information, is_utf8, numbers, quiet, shown
+from .errors import InputVolumeError, shown
+from .sitk_guard import first_line, image_information, is_utf8, numbers, quiet
+from .volume_headers import ORTHONORMAL_TOLERANCE, check_header
 
 MAX_SLICE_DEVIATION = 0.01  # a DICOM slice may sit 1% of the spacing away from its uniform place
 
@@ -103,7 +104,6 @@ def _check_slices(files: Sequence[str], label: str) -> None:
     first = _slice_info(files[0], label)
     if first is None or first.size[2] > 1:
         return  # not slices (a series of volumes): ITK's own checks apply
-    from .volume_io import ORTHONORMAL_TOLERANCE, check_header  # not at the top: volume_io imports this module
 
     check_header(3, 1, (first.size[0], first.size[1], len(files)), label)  # before reading every slice
     slices = [first] + [_slice_info(name, label) for name in files[1:]]

@@ -23,13 +23,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .options import DIFFUSION_DEFAULTS, DIFFUSION_NOISE_KINDS, checked_diffusion
 from .simplex_noise import simplex_noise
 
-DEFAULT_DIFFUSION: dict[str, Any] = {
-    "train_timesteps": 1000, "schedule": "linear_beta", "beta_start": 1e-4, "beta_end": 2e-2,
-    "noise": "gaussian", "noise_level": 250, "steps": 10, "samples": 1,
-}
-NOISE_KINDS = ("gaussian", "simplex", "coarse")
 # Model inputs are normalised to [0, 1.5] (background 0); diffusion works on [-1, 1].
 INPUT_RANGE = (0.0, 1.5)
 
@@ -52,7 +48,7 @@ def structured_noise(shape: tuple[int, ...], kind: str, generator: torch.Generat
     if kind == "simplex":
         return simplex_noise(shape, generator).to(device)
     if kind != "coarse":
-        raise ValueError(f"unknown diffusion noise {kind!r}; use one of {', '.join(NOISE_KINDS)}")
+        raise ValueError(f"unknown diffusion noise {kind!r}; use one of {', '.join(DIFFUSION_NOISE_KINDS)}")
     spatial = shape[2:]
     low = torch.randn((*shape[:2], *(max(2, s // 8) for s in spatial)), generator=generator)
     mode = "bilinear" if len(spatial) == 2 else "trilinear"
@@ -63,18 +59,9 @@ def structured_noise(shape: tuple[int, ...], kind: str, generator: torch.Generat
 
 
 def settings_with(card_settings: dict[str, Any] | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The card's diffusion settings with a run's overrides (None values ignored), checked."""
-    settings = {**DEFAULT_DIFFUSION, **(card_settings or {})}
-    settings.update({key: value for key, value in (overrides or {}).items() if value is not None})
-    if not 1 <= int(settings["noise_level"]) <= int(settings["train_timesteps"]):
-        raise ValueError(f"noise level must be between 1 and {settings['train_timesteps']}, "
-                         f"got {settings['noise_level']}")
-    if not 1 <= int(settings["steps"]) <= int(settings["noise_level"]):
-        raise ValueError(f"diffusion steps must be between 1 and the noise level ({settings['noise_level']}), "
-                         f"got {settings['steps']}")
-    if int(settings["samples"]) < 1:
-        raise ValueError(f"samples must be at least 1, got {settings['samples']}")
-    return settings
+    """The card's diffusion settings (DIFFUSION_DEFAULTS for what it lacks) with a run's overrides
+    (None values ignored), checked (options.checked_diffusion)."""
+    return {**DIFFUSION_DEFAULTS, **(card_settings or {}), **checked_diffusion(overrides, card_settings)}
 
 
 def scheduler(settings: dict[str, Any]):

@@ -4,6 +4,10 @@ Front ends (CLI, Slicer, web) print ``str(error)`` as is, so messages name the f
 setting at fault and say what to do.
 """
 
+from __future__ import annotations
+
+import os
+
 
 def one_line(error: BaseException | str) -> str:
     """A message folded onto one line: libraries (nibabel, MONAI constructors, zipfile) write
@@ -33,3 +37,10 @@ class RegistrationError(NormativeAnomalyError):
 
 class Cancelled(NormativeAnomalyError):
     """The user cancelled the run; nothing was written."""
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as one printable line: a newline or undecodable byte in a name would otherwise
+    break the one-line message."""
+    text = os.fsdecode(path)
+    return text if text.isprintable() else repr(text)[1:-1]

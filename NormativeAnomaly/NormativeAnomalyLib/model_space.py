@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputVolumeError
+from .errors import InputVolumeError, RegistrationError
 from .registration import Registration
 from .templates import Template
 
@@ -171,3 +171,63 @@ def tissue_order(template_values: np.ndarray, input_values: np.ndarray, brain: n
     if high <= low:
         return 0.0
     return float(min(medians[1] - medians[0], medians[2] - medians[1]) / (high - low))
+
+
+# Correlation of a registered input with its template over the brain (model_space.alignment_quality),
+# per contrast, measured by scripts/alignment_cutoff.py (docs/alignment.md) on real scans and on
+# failures, each registered as a run registers it. T1: real heads and real skull-stripped BraTS T1
+# scans 0.47 and above; scans stored upside down or back to front, non-brain anatomy, noise, a
+# partial field of view and other contrasts 0.40 and below. T2 correlates less with its template,
+# lesions or not: real BraTS T2 scans 0.20 and above; T2 scans stored upside down or back to front,
+# FLAIR, T1 and non-brain inputs 0.14 and below. FLAIR (a template synthesised from T1 and T2, which
+# real FLAIR resembles less): real BraTS FLAIR 0.15 and above; T2, noise and a chest 0.07 and below,
+# but FLAIR stored upside down or back to front 0.11-0.21: only some are refused.
+ALIGNMENT_CUTOFFS = {"T1": 0.45, "T2": 0.17, "FLAIR": 0.12}
+# The correlation cannot tell FLAIR from T1 (CSF is dark on both): the order of the template's tissues
+# in the input can (model_space.tissue_order). Measured: real scans of the model's contrast T1 +0.09
+# and above, T2 +0.04 and above, FLAIR -0.05 and above; T1 and T2 scans given to the FLAIR model
+# -0.06 and below (one BraTS T1 at -0.059 passes: the margin is kept on the side of real FLAIR).
+TISSUE_ORDER_MINIMA = {"T1": 0.0, "T2": 0.0, "FLAIR": -0.06}
+# A skull-stripped scan's own brain, registered to the template's brain, overlaps it (Dice) by far
+# more than this; the brain's shape tells a scan stored upside down or back to front even where the
+# contrast cannot (FLAIR). Measured on BraTS, all three contrasts: real scans 0.915 and above, stored
+# upside down or back to front 0.893 and below.
+MIN_BRAIN_OVERLAP = 0.9
+
+
+def alignment_cutoff(modality: str) -> float:
+    """The cut-off for a model of this contrast (the strictest one for a contrast not measured)."""
+    return ALIGNMENT_CUTOFFS.get(modality, max(ALIGNMENT_CUTOFFS.values()))
+
+
+def tissue_order_minimum(modality: str) -> float:
+    """The least tissue order a run of a model of this contrast accepts (0: the template's order)."""
+    return TISSUE_ORDER_MINIMA.get(modality, 0.0)
+
+
+def check_alignment(alignment: float, modality: str, tissue_order: float = float("inf"),
+                    brain_overlap: float = float("nan")) -> None:
+    """Refuse a run whose registered input does not look like the model's template: a failed
+    registration, non-brain anatomy or another contrast would otherwise give confident nonsense.
+    ``brain_overlap``: a skull-stripped scan's own brain against the template's (NaN: not checked)."""
+    if brain_overlap < MIN_BRAIN_OVERLAP:
+        raise RegistrationError(
+            f"the skull-stripped scan's brain, registered, overlaps the template's brain by Dice {brain_overlap:.2f} "
+            f"(at least {MIN_BRAIN_OVERLAP} expected): stored upside down or back to front, or registration failed; "
+            "check the input, or run anyway with --accept-poor-alignment")
+    cutoff = alignment_cutoff(modality)
+    minimum = tissue_order_minimum(modality)
+    if alignment >= cutoff and tissue_order >= minimum:
+        return
+    if alignment >= cutoff:
+        raise RegistrationError(
+            f"the registered input orders its tissues unlike the model's {modality} template (tissue order "
+            f"{tissue_order:.2f}, minimum {minimum} for {modality}; grey and white matter the other way round?): "
+            f"another contrast, not {modality}? Check the input, or run anyway with --accept-poor-alignment")
+    if alignment <= -cutoff:
+        why = f"its contrast looks inverted relative to the model's {modality} template (another modality?)"
+    else:
+        why = f"registration failed, or this is not a {modality} brain MRI"
+    raise RegistrationError(
+        f"the registered input correlates {alignment:.2f} with the model's template over the brain "
+        f"(cut-off {cutoff} for {modality}): {why}; check the input, or run anyway with --accept-poor-alignment")

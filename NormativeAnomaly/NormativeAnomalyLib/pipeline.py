@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -19,34 +19,14 @@ from .device import resolve_precision, select_device
 from .inference import DeviceUse, diffusion_settings, run_inference
 from .input_space import to_input_grid
 from .lesions import Segmentation, segment_anomalies
-from .model_space import prepare_model_input
+from .model_space import check_alignment, prepare_model_input
 from .models.package import ModelPackage
+from .options import RunOptions
 from .progress import Monitor
 from .registration import Registration, identity_registration, register_to_template
 from .scoring import anomaly_map as score_anomalies
 from .skull_stripping import brain_mask_of_stripped, looks_skull_stripped
 from .volume_io import validate_volume
-
-
-@dataclass
-class RunOptions:
-    device: str = "auto"
-    registered: bool = False  # the input is already in the template's space: skip registration
-    brain_mask: sitk.Image | None = None  # on the input's grid; default: the scan's own if skull-stripped, else the template's
-    skull_stripped: bool | None = None  # None: detect (skull_stripping.looks_skull_stripped)
-    threshold: float | None = None  # anomaly-map units; default: the calibrated one at ``fpr``
-    fpr: float | None = None  # healthy false-positive rate; default: the model card's
-    min_lesion_mm3: float | None = None
-    bias_correction: bool | None = None  # N4; default: the model card's (see bias_correction)
-    batch_size: int | None = None  # slices per batch; default: the card's, or on CUDA sized from free memory
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 (or fp16) on a GPU, fp32 on the CPU
-    # Diffusion models: overrides of the card's noise_level, steps, samples, noise (None: the card's)
-    diffusion: dict[str, Any] | None = None
-    # Run even when the registered input does not look like the model's template (see check_alignment)
-    accept_poor_alignment: bool = False
-    # A registration of this input to the model's template computed before (e.g. by a run of another
-    # model on the same template): reused instead of registering again
-    registration: Registration | None = None
 
 
 @dataclass
@@ -201,66 +181,6 @@ def input_brain_mask(image: sitk.Image, options: RunOptions) -> tuple[sitk.Image
         return None, "", False
     how = "stated skull-stripped" if options.skull_stripped else "it looks skull-stripped; --with-skull if it is not"
     return brain_mask_of_stripped(image), f"the scan's own brain ({how})", True
-
-
-# Correlation of a registered input with its template over the brain (model_space.alignment_quality),
-# per contrast, measured by scripts/alignment_cutoff.py (docs/alignment.md) on real scans and on
-# failures, each registered as a run registers it. T1: real heads and real skull-stripped BraTS T1
-# scans 0.47 and above; scans stored upside down or back to front, non-brain anatomy, noise, a
-# partial field of view and other contrasts 0.40 and below. T2 correlates less with its template,
-# lesions or not: real BraTS T2 scans 0.20 and above; T2 scans stored upside down or back to front,
-# FLAIR, T1 and non-brain inputs 0.14 and below. FLAIR (a template synthesised from T1 and T2, which
-# real FLAIR resembles less): real BraTS FLAIR 0.15 and above; T2, noise and a chest 0.07 and below,
-# but FLAIR stored upside down or back to front 0.11-0.21: only some are refused.
-ALIGNMENT_CUTOFFS = {"T1": 0.45, "T2": 0.17, "FLAIR": 0.12}
-# The correlation cannot tell FLAIR from T1 (CSF is dark on both): the order of the template's tissues
-# in the input can (model_space.tissue_order). Measured: real scans of the model's contrast T1 +0.09
-# and above, T2 +0.04 and above, FLAIR -0.05 and above; T1 and T2 scans given to the FLAIR model
-# -0.06 and below (one BraTS T1 at -0.059 passes: the margin is kept on the side of real FLAIR).
-TISSUE_ORDER_MINIMA = {"T1": 0.0, "T2": 0.0, "FLAIR": -0.06}
-# A skull-stripped scan's own brain, registered to the template's brain, overlaps it (Dice) by far
-# more than this; the brain's shape tells a scan stored upside down or back to front even where the
-# contrast cannot (FLAIR). Measured on BraTS, all three contrasts: real scans 0.915 and above, stored
-# upside down or back to front 0.893 and below.
-MIN_BRAIN_OVERLAP = 0.9
-
-
-def alignment_cutoff(modality: str) -> float:
-    """The cut-off for a model of this contrast (the strictest one for a contrast not measured)."""
-    return ALIGNMENT_CUTOFFS.get(modality, max(ALIGNMENT_CUTOFFS.values()))
-
-
-def tissue_order_minimum(modality: str) -> float:
-    """The least tissue order a run of a model of this contrast accepts (0: the template's order)."""
-    return TISSUE_ORDER_MINIMA.get(modality, 0.0)
-
-
-def check_alignment(alignment: float, modality: str, tissue_order: float = float("inf"),
-                    brain_overlap: float = float("nan")) -> None:
-    """Refuse a run whose registered input does not look like the model's template: a failed
-    registration, non-brain anatomy or another contrast would otherwise give confident nonsense.
-    ``brain_overlap``: a skull-stripped scan's own brain against the template's (NaN: not checked)."""
-    if brain_overlap < MIN_BRAIN_OVERLAP:
-        raise RegistrationError(
-            f"the skull-stripped scan's brain, registered, overlaps the template's brain by Dice {brain_overlap:.2f} "
-            f"(at least {MIN_BRAIN_OVERLAP} expected): stored upside down or back to front, or registration failed; "
-            "check the input, or run anyway with --accept-poor-alignment")
-    cutoff = alignment_cutoff(modality)
-    minimum = tissue_order_minimum(modality)
-    if alignment >= cutoff and tissue_order >= minimum:
-        return
-    if alignment >= cutoff:
-        raise RegistrationError(
-            f"the registered input orders its tissues unlike the model's {modality} template (tissue order "
-            f"{tissue_order:.2f}, minimum {minimum} for {modality}; grey and white matter the other way round?): "
-            f"another contrast, not {modality}? Check the input, or run anyway with --accept-poor-alignment")
-    if alignment <= -cutoff:
-        why = f"its contrast looks inverted relative to the model's {modality} template (another modality?)"
-    else:
-        why = f"registration failed, or this is not a {modality} brain MRI"
-    raise RegistrationError(
-        f"the registered input correlates {alignment:.2f} with the model's template over the brain "
-        f"(cut-off {cutoff} for {modality}): {why}; check the input, or run anyway with --accept-poor-alignment")
 
 
 def _pseudo_healthy_on_input(image: sitk.Image, reconstruction: np.ndarray | None, model_input, template,

@@ -48,7 +48,6 @@ class Monitor:
 # (scripts/benchmark_run.py), so one bar can show the whole run.
 STAGE_SHARES = (("registration", 0.45), ("model_space", 0.08), ("inference", 0.30), ("scoring", 0.05),
                 ("to_input_grid", 0.07), ("segmentation", 0.02), ("writing", 0.03))
-PROGRESS_PREFIX = "NORMATIVE_ANOMALY_PROGRESS "
 
 
 def overall_fraction(stage: str, fraction: float) -> float:
@@ -63,19 +62,3 @@ def overall_fraction(stage: str, fraction: float) -> float:
             return min(done + share * min(max(fraction, 0.0), 1.0), 1.0)
         done += share
     return 0.0
-
-
-def progress_line(stage: str, fraction: float) -> str:
-    """One machine-readable progress line (``--progress-lines``), read back by :func:`parse_progress_line`."""
-    return f"{PROGRESS_PREFIX}{stage} {fraction:.4f} {overall_fraction(stage, fraction):.4f}"
-
-
-def parse_progress_line(line: str) -> tuple[str, float, float] | None:
-    """(stage, stage fraction, overall fraction) from a progress line; None for any other line."""
-    if not line.startswith(PROGRESS_PREFIX):
-        return None
-    try:
-        stage, fraction, overall = line[len(PROGRESS_PREFIX):].split()
-        return stage, float(fraction), float(overall)
-    except ValueError:
-        return None

@@ -16,13 +16,6 @@ import SimpleITK as sitk
 from .errors import InputVolumeError
 
 
-def shown(path: str | os.PathLike) -> str:
-    """A path as one printable line: a newline or undecodable byte in a name would otherwise
-    break the one-line message."""
-    text = os.fsdecode(path)
-    return text if text.isprintable() else repr(text)[1:-1]
-
-
 def numbers(values: Sequence[float]) -> str:
     return ", ".join(f"{float(value):.4g}" for value in values)
 

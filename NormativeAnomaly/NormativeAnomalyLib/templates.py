@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from .errors import ModelPackageError
@@ -75,3 +76,19 @@ def write_template(folder: Path, name: str, image: sitk.Image, brain_mask: sitk.
         manifest[key] = {"file": file_name, "sha256": sha256_of(folder / file_name)}
     (folder / "template.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return folder
+
+
+def resample_to_grid(image: sitk.Image, size, spacing, transform=None, interpolator=sitk.sitkLinear,
+                     pixel=sitk.sitkFloat32) -> sitk.Image:
+    """Resample onto an axis-aligned grid of ``size`` x ``spacing`` centred on ``image``'s centre."""
+    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    origin = np.asarray(centre) - direction @ (np.asarray(spacing) * (np.asarray(size) - 1) / 2)
+    reference = sitk.Image([int(s) for s in size], pixel)
+    reference.SetSpacing(spacing)
+    reference.SetDirection(image.GetDirection())
+    reference.SetOrigin(origin.tolist())
+    if interpolator != sitk.sitkNearestNeighbor:  # anti-alias before going coarser
+        sigma = [max((s - o) / 2, 0.0) for s, o in zip(spacing, image.GetSpacing())]
+        image = sitk.SmoothingRecursiveGaussian(image, sigma) if max(sigma) > 0 else image
+    return sitk.Resample(image, reference, transform or sitk.Transform(), interpolator, 0.0, pixel)

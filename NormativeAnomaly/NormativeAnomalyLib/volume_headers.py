@@ -1,5 +1,6 @@
-"""What a volume file's header makes its reader open: the data files named in NRRD and
-MetaImage headers, the other half of an Analyze/NIfTI pair, and ITK's plain-name links.
+"""What a volume file's header declares and makes its reader open: its dimension, components and
+size (checked before any voxel is read), the data files named in NRRD and MetaImage headers,
+the other half of an Analyze/NIfTI pair, and ITK's plain-name links.
 
 A header could otherwise load any file on the machine as the volume, or block on a pipe; each
 such file is listed from the header's own bytes and checked before ITK opens anything.
@@ -15,11 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputVolumeError
+from .errors import InputVolumeError, shown
 from .nifti_checks import read_nifti_header
-from .sitk_guard import is_utf8, quiet, shown
+from .sitk_guard import is_utf8, quiet
 
 MAX_TEXT_HEADER_BYTES = 2**20  # an NRRD or MetaImage header; attached voxels follow it
 
@@ -34,6 +36,30 @@ class DataFile(NamedTuple):
 # storage, a Stimulate header's data file, Bruker's parameter files two folders up).
 UNCHECKED_READERS = {"HDF5ImageIO": "HDF5", "MINCImageIO": "MINC", "StimulateImageIO": "Stimulate",
                      "Bruker2dseqImageIO": "Bruker 2dseq"}
+
+
+# A 512^3 float32 volume is 0.5 GB; the pipeline holds a few copies. Larger inputs are
+# refused rather than risking the host (Slicer shares this process).
+MAX_VOXELS = 512**3
+MIN_VOXELS_PER_AXIS = 8
+ORTHONORMAL_TOLERANCE = 1e-3  # |D^T D - I|: float32 headers are exact to 1e-6
+
+
+def check_header(dimension: int, components: int, size: tuple[int, ...], name: str) -> None:
+    """What a header declares (dimension, components, size), refused before any voxel is read."""
+    if dimension != 3:
+        raise InputVolumeError(f"{name} is {dimension}D; a 3D volume is needed")
+    if components != 1:
+        raise InputVolumeError(f"{name} has {components} components per voxel; a scalar (grey-level) volume is needed")
+    if min(size) < MIN_VOXELS_PER_AXIS:
+        raise InputVolumeError(
+            f"{name} is {'x'.join(map(str, size))} voxels; at least {MIN_VOXELS_PER_AXIS} along each axis are needed"
+        )
+    voxels = int(np.prod(size, dtype=np.int64))
+    if voxels > MAX_VOXELS:
+        raise InputVolumeError(
+            f"{name} has {voxels:,} voxels, over the limit of {MAX_VOXELS:,}; resample it to a coarser grid first"
+        )
 
 
 def check_data_files(header: Path, root: Path | None = None, *, label: str | None = None,

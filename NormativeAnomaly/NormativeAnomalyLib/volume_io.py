@@ -21,19 +21,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from .dicom_series import read_dicom_series
-from .errors import InputVolumeError, OutputError
+from .errors import InputVolumeError, OutputError, shown
 from .nifti_checks import check_nifti_data, check_nifti_header
-from .sitk_guard import first_line, image_information, numbers, quiet, shown  # shown: callers import it from here
-from .volume_headers import check_regular_file, checked_data_files, itk_file_name, reader_of
+from .sitk_guard import first_line, image_information, numbers, quiet
+from .volume_headers import (ORTHONORMAL_TOLERANCE, check_header, check_regular_file, checked_data_files,
+                             itk_file_name, reader_of)
 
-# A 512^3 float32 volume is 0.5 GB; the pipeline holds a few copies. Larger inputs are
-# refused rather than risking the host (Slicer shares this process).
-MAX_VOXELS = 512**3
-MIN_VOXELS_PER_AXIS = 8
 # Geometry no scan has: registration of such a volume runs for hours or never converges.
 MAX_COORDINATE_MM = 1e6  # origin and field of view: a kilometre
 MIN_SPACING_MM = 1e-3
-ORTHONORMAL_TOLERANCE = 1e-3  # |D^T D - I|: float32 headers are exact to 1e-6
 
 
 def read_volume(path: str | os.PathLike, *, name: str = "input", data_root: Path | None = None) -> sitk.Image:
@@ -86,23 +82,6 @@ def _read_image_file(path: Path, name: str, label: str, data_root: Path | None =
 
 
 # --- Checks on what a header says --------------------------------------------------------------
-
-
-def check_header(dimension: int, components: int, size: tuple[int, ...], name: str) -> None:
-    """What a header declares (dimension, components, size), refused before any voxel is read."""
-    if dimension != 3:
-        raise InputVolumeError(f"{name} is {dimension}D; a 3D volume is needed")
-    if components != 1:
-        raise InputVolumeError(f"{name} has {components} components per voxel; a scalar (grey-level) volume is needed")
-    if min(size) < MIN_VOXELS_PER_AXIS:
-        raise InputVolumeError(
-            f"{name} is {'x'.join(map(str, size))} voxels; at least {MIN_VOXELS_PER_AXIS} along each axis are needed"
-        )
-    voxels = int(np.prod(size, dtype=np.int64))
-    if voxels > MAX_VOXELS:
-        raise InputVolumeError(
-            f"{name} has {voxels:,} voxels, over the limit of {MAX_VOXELS:,}; resample it to a coarser grid first"
-        )
 
 
 def _check_geometry(origin: Sequence[float], spacing: Sequence[float], direction: Sequence[float],

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import slicer
 
 from NormativeAnomalyLib.models.registry import card_diffusion_settings, preselected_model
-from NormativeAnomalyLib.mrml.run_controller import DIFFUSION_NOISE_KINDS
+from NormativeAnomalyLib.options import DIFFUSION_NOISE_KINDS
 
 from .model_cards import cardHtml
 

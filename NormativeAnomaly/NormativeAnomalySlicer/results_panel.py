@@ -19,6 +19,7 @@ from NormativeAnomalyLib.mrml.display import OVERLAY_FLOOR_FPR, centre_on, show_
 from NormativeAnomalyLib.mrml.export import export_clashes, export_result
 from NormativeAnomalyLib.mrml.lesion_table import read_lesion_table, summarize
 from NormativeAnomalyLib.mrml.result_nodes import RESULT_ATTRIBUTE, SEGMENT_ID
+from NormativeAnomalyLib.options import MIN_LESION_MM3_MAX
 
 try:
     from slicer.i18n import tr as _
@@ -28,7 +29,6 @@ except ImportError:  # Slicer < 5.4
 # Like the Threshold effect's preview: a single-shot timer restarted on every slider change, so a
 # drag re-segments once it pauses rather than at every step.
 UPDATE_DELAY_MS = 150
-MIN_LESION_MAX_MM3 = 5000.0  # the parameter node's range for minLesionMm3 (the .ui slider's)
 
 
 class ResultsPanel:
@@ -101,7 +101,7 @@ class ResultsPanel:
         if self.nodes is not None and parameters is not None:
             self._setThresholdRange(self.nodes)
             parameters.threshold = self.nodes.threshold
-            parameters.minLesionMm3 = min(max(self.nodes.min_lesion_mm3, 0.0), MIN_LESION_MAX_MM3)
+            parameters.minLesionMm3 = min(max(self.nodes.min_lesion_mm3, 0.0), MIN_LESION_MM3_MAX)
             if self.nodes.uncertainty_map is None:
                 parameters.showUncertainty = False  # its check box is disabled: not left checked
             self.showResult()

@@ -29,10 +29,11 @@ TEST_RUN = "demo_run"
 def precomputedRunFolder() -> Path:
     """The shipped finished run: beside the module (build or install tree), else the source tree's."""
     from NormativeAnomalyLib.resources import resources_dir
+    from NormativeAnomalyLib.run_folder import RUN_JSON
 
     for folder in (resources_dir() / "TestData" / TEST_RUN,
                    Path(__file__).resolve().parent.parent.parent / "Testing" / "Data" / TEST_RUN):
-        if (folder / "run.json").is_file():
+        if (folder / RUN_JSON).is_file():
             return folder
     raise FileNotFoundError(f"the self-test's finished run ({TEST_RUN}) is not installed with the module")
 
@@ -62,7 +63,7 @@ class NormativeAnomalySelfTests:
         """Without PyTorch: a finished run loaded as a run's results are (read_run_folder, load_run), made
         the panel's active result, then the sliders, table, Reject and Export as a user drives them."""
         from NormativeAnomalyLib.mrml import load_run
-        from NormativeAnomalyLib.run_outputs import read_run_folder
+        from NormativeAnomalyLib.run_folder import read_run_folder
 
         folder = precomputedRunFolder()
         self.delayDisplay(f"Loading the finished run in {folder}")

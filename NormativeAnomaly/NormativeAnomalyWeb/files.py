@@ -19,7 +19,7 @@ from pathlib import Path
 
 from NormativeAnomalyLib.errors import InputVolumeError as InputError
 from NormativeAnomalyLib.volume_headers import check_data_files
-from NormativeAnomalyLib.volume_io import shown
+from NormativeAnomalyLib.errors import shown
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 DEFAULT_MAX_UPLOAD_MB = 512

@@ -13,6 +13,8 @@ import ipaddress
 import sys
 from pathlib import Path
 
+from NormativeAnomalyLib.options import DEVICES, RunOptions
+
 DEFAULT_PORT = 8080
 MAX_PORT = 65535
 
@@ -63,7 +65,7 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--work-dir", type=Path,
                          help="folder for uploads, runs and downloads (default: a new temporary folder, removed "
                               "at exit)")
-    command.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    command.add_argument("--device", default=RunOptions.device, choices=DEVICES)
     command.add_argument("--render", default="auto", choices=["auto", "osmesa", "egl"],
                          help="offscreen rendering: osmesa (CPU, needs libosmesa6), egl (GPU); auto: without a "
                               "display, egl when an NVIDIA GPU and libEGL are present, else osmesa")

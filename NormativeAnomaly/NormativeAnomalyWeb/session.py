@@ -27,6 +27,7 @@ from NormativeAnomalyLib.mrml.lesion_table import read_lesion_table
 from NormativeAnomalyLib.mrml.live_segmentation import ThresholdRange, threshold_range
 from NormativeAnomalyLib.mrml.result_nodes import SEGMENT_ID, remove_node
 from NormativeAnomalyLib.mrml.volumes import load_volume_file
+from NormativeAnomalyLib.options import RunOptions
 from NormativeAnomalyLib.volume_io import read_volume
 
 from .files import FileAccess
@@ -110,7 +111,7 @@ class AnalysisSession:
             raise SessionError("load a volume first")
         if not any(model["name"] == model_name for model in self.models()):
             raise SessionError(f"unknown model {model_name!r}")
-        self.handle = run_controller.start_run(self.input_volume, model_name, self.device, False, None,
+        self.handle = run_controller.start_run(self.input_volume, model_name, RunOptions(device=self.device), None,
                                                str(self.files.work_dir / "runs"), python=self.python)
 
     def poll(self):

@@ -11,17 +11,17 @@ from typing import Any
 from trame.ui.vuetify3 import SinglePageWithDrawerLayout
 from trame.widgets import html, vuetify3 as v3
 
-from NormativeAnomalyLib.mrml.export import EXPORT_FILES, UNCERTAINTY_FILE
+from NormativeAnomalyLib.options import MIN_LESION_MM3_MAX
+from NormativeAnomalyLib.run_folder import ANOMALY_MAP, LESIONS_CSV, PSEUDO_HEALTHY, SEGMENTATION, UNCERTAINTY_MAP
 
 from .files import FileAccess
 
-MIN_LESION_MAX_MM3 = 5000.0  # as the Slicer panel's slider
 # (what, button, file of export.export_result, MIME type)
-DOWNLOADS = (("segmentation", "Segmentation (.seg.nrrd)", EXPORT_FILES[0], "application/octet-stream"),
-             ("anomaly_map", "Anomaly map", EXPORT_FILES[1], "application/gzip"),
-             ("pseudo_healthy", "Pseudo-healthy", EXPORT_FILES[2], "application/gzip"),
-             ("lesions", "Lesion table (.csv)", EXPORT_FILES[3], "text/csv"),
-             ("uncertainty", "Uncertainty map", UNCERTAINTY_FILE, "application/gzip"))
+DOWNLOADS = (("segmentation", "Segmentation (.seg.nrrd)", SEGMENTATION, "application/octet-stream"),
+             ("anomaly_map", "Anomaly map", ANOMALY_MAP, "application/gzip"),
+             ("pseudo_healthy", "Pseudo-healthy", PSEUDO_HEALTHY, "application/gzip"),
+             ("lesions", "Lesion table (.csv)", LESIONS_CSV, "text/csv"),
+             ("uncertainty", "Uncertainty map", UNCERTAINTY_MAP, "application/gzip"))
 
 
 def initial_state(models: list[dict[str, Any]], files: FileAccess) -> dict[str, Any]:
@@ -126,7 +126,7 @@ def _results_section() -> None:
         v3.VTextField(label="Set by healthy false-positive rate (%), Enter", density="compact", hide_details=True,
                       id="fpr-input", __events=[("keydown_enter", "keydown.enter")],
                       keydown_enter="trigger('set_fpr', [$event.target.value])")
-        v3.VSlider(v_model=("min_size",), min=0, max=MIN_LESION_MAX_MM3, step=10, label="Min. size (mm³)",
+        v3.VSlider(v_model=("min_size",), min=0, max=MIN_LESION_MM3_MAX, step=10, label="Min. size (mm³)",
                    density="compact", hide_details=True, id="min-size-slider")
         v3.VSlider(v_model=("overlay_opacity",), min=0, max=1, step=0.05, label="Overlay", density="compact",
                    hide_details=True, id="opacity-slider")

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelPackageError
+from ..options import DIFFUSION_DEFAULTS
 from ..resources import models_dir, user_models_dir
 from .package import CARD_FILE, ModelPackage, is_model_name, load_package
 
 REGISTRY_FILE = "registry.json"
 DIFFUSION_FAMILY = "ddpm"
-# What a panel shows for a diffusion model whose card lacks a setting (the schema requires them all).
-DIFFUSION_FALLBACK = {"noise_level": 250, "steps": 10, "samples": 1, "noise": "coarse"}
 
 
 def _registry(root: Path | None = None) -> dict[str, Any]:
@@ -182,11 +181,11 @@ def is_diffusion_model(summary: dict[str, Any] | None) -> bool:
 
 def card_diffusion_settings(summary: dict[str, Any] | None) -> dict[str, Any] | None:
     """A diffusion model's card settings (``inference.diffusion``: noise_level, steps, samples, noise,
-    train_timesteps...), with DIFFUSION_FALLBACK for what the card lacks; None for other models.
+    train_timesteps...), with DIFFUSION_DEFAULTS for what the card lacks; None for other models.
     Read as plain JSON (no torch), for the Slicer panel and the web app."""
     if not is_diffusion_model(summary):
         return None
-    settings = dict(DIFFUSION_FALLBACK)
+    settings = dict(DIFFUSION_DEFAULTS)
     try:
         card = json.loads((Path(summary["path"]) / CARD_FILE).read_text(encoding="utf-8"))
         settings.update((card.get("inference") or {}).get("diffusion") or {})

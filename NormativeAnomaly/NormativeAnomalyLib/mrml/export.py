@@ -15,16 +15,17 @@ from pathlib import Path
 import slicer
 
 from ..errors import OutputError
+from ..run_folder import ANOMALY_MAP, LESIONS_CSV, PSEUDO_HEALTHY, SEGMENTATION, UNCERTAINTY_MAP
 from .lesion_table import COLUMNS, read_lesion_table
 from .result_nodes import ResultNodes
 
-EXPORT_FILES = ("anomalies.seg.nrrd", "anomaly_map.nii.gz", "pseudo_healthy.nii.gz", "lesions.csv")
-UNCERTAINTY_FILE = "uncertainty_map.nii.gz"  # when the result has one
+# The run's names, so an export and a run folder hold the same files.
+EXPORT_FILES = (SEGMENTATION, ANOMALY_MAP, PSEUDO_HEALTHY, LESIONS_CSV)
 
 
 def export_clashes(folder: str | os.PathLike) -> list[str]:
     """The hand-over files that an export into ``folder`` would replace (what a GUI asks about)."""
-    return [name for name in EXPORT_FILES + (UNCERTAINTY_FILE,) if (Path(folder) / name).exists()]
+    return [name for name in EXPORT_FILES + (UNCERTAINTY_MAP,) if (Path(folder) / name).exists()]
 
 
 def export_result(nodes: ResultNodes, folder: str | os.PathLike, overwrite: bool = False) -> list[Path]:
@@ -38,7 +39,7 @@ def export_result(nodes: ResultNodes, folder: str | os.PathLike, overwrite: bool
     staging = Path(tempfile.mkdtemp(prefix=".normative-anomaly-export-", dir=folder))
     try:
         written = [path.name for path in (write_export_file(nodes, name, staging)
-                                          for name in EXPORT_FILES + (UNCERTAINTY_FILE,)) if path is not None]
+                                          for name in EXPORT_FILES + (UNCERTAINTY_MAP,)) if path is not None]
         for name in written:
             os.replace(staging / name, folder / name)
         for name in set(clashes) - set(written):  # an earlier export's uncertainty map would not match this one
@@ -49,18 +50,17 @@ def export_result(nodes: ResultNodes, folder: str | os.PathLike, overwrite: bool
 
 
 def write_export_file(nodes: ResultNodes, name: str, folder: Path) -> Path | None:
-    """One of the hand-over files (a name of EXPORT_FILES or UNCERTAINTY_FILE) into ``folder``;
+    """One of the hand-over files (a name of EXPORT_FILES or UNCERTAINTY_MAP) into ``folder``;
     None for the uncertainty map of a result that has none."""
     path = Path(folder) / name
-    volumes = {EXPORT_FILES[1]: nodes.anomaly_map, EXPORT_FILES[2]: nodes.pseudo_healthy,
-               UNCERTAINTY_FILE: nodes.uncertainty_map}
-    if name == EXPORT_FILES[0]:
+    volumes = {ANOMALY_MAP: nodes.anomaly_map, PSEUDO_HEALTHY: nodes.pseudo_healthy, UNCERTAINTY_MAP: nodes.uncertainty_map}
+    if name == SEGMENTATION:
         _write(slicer.vtkMRMLSegmentationStorageNode(), nodes.segmentation, path)
     elif name in volumes:
         if volumes[name] is None:
             return None
         _write(slicer.vtkMRMLVolumeArchetypeStorageNode(), volumes[name], path)
-    elif name == EXPORT_FILES[3]:
+    elif name == LESIONS_CSV:
         with open(path, "w", newline="") as stream:
             writer = csv.writer(stream)
             writer.writerow([f"{column} ({unit})" if unit else column for column, unit, _ in COLUMNS])

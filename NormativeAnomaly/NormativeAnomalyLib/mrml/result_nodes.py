@@ -16,7 +16,7 @@ from typing import Any
 import slicer
 
 from ..progress import Monitor
-from ..run_outputs import RunOutputs
+from ..run_folder import RunOutputs
 from ..scoring import Calibration
 from .volumes import add_volume_node
 

@@ -9,7 +9,6 @@ temporary root and the colour logic are parameters, so this runs on any MRML sce
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 import shutil
 import sys
@@ -18,22 +17,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from NormativeAnomalyLib.background import SKULL_OPTIONS, BackgroundRun, RunState, run_command
+from NormativeAnomalyLib.background import BackgroundRun, RunState, run_command
+from NormativeAnomalyLib.options import RunOptions, checked_diffusion
 from NormativeAnomalyLib.progress import Monitor
-from NormativeAnomalyLib.run_outputs import RunOutputs, read_run_folder
+from NormativeAnomalyLib.run_folder import EXIT_CANCELLED, RunOutputs, read_run_folder, without_prefix
 
 try:
     from slicer.i18n import tr as _
 except ImportError:  # Slicer < 5.4, or MRML without the application
     _ = str
 
-EXIT_CANCELLED = 130  # the CLI's exit status after SIGTERM / Ctrl-C (0 ok, 1 user error, 3 internal)
-CLI_PREFIXES = ("normative-anomaly: error: ", "normative-anomaly: ")
 INPUT_FILE = "input.nrrd"  # the temporary copy of the input volume
-# A diffusion model's settings (the card's inference.diffusion keys) and the CLI options overriding them.
-DIFFUSION_OPTIONS = {"noise_level": "--noise-level", "steps": "--diffusion-steps", "samples": "--samples",
-                     "noise": "--diffusion-noise"}
-DIFFUSION_NOISE_KINDS = ("gaussian", "simplex", "coarse")  # the card schema's inference.diffusion.noise
 
 
 def stage_text(stage: str) -> str:
@@ -81,60 +75,19 @@ class RunHandle:
         return self.run.poll()
 
 
-def diffusion_arguments(diffusion: Optional[dict[str, Any]], card: Optional[dict[str, Any]] = None) -> list[str]:
-    """The CLI options for a diffusion model's settings (keys as in the card's ``inference.diffusion``:
-    noise_level, steps, samples, noise; a missing or None value keeps the card's). Checked here, against
-    the card's settings when given, so that a bad value is reported before anything is written or run."""
-    if not diffusion:
-        return []
-    unknown = sorted(set(diffusion) - set(DIFFUSION_OPTIONS))
-    if unknown:
-        raise ValueError(_("Unknown diffusion setting(s): {names}").format(names=", ".join(unknown)))
-    settings = {key: value for key, value in diffusion.items() if value is not None}
-    for key in ("noise_level", "steps", "samples"):
-        if key in settings:
-            value = settings[key]
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(_("The diffusion setting {name} must be a whole number of at least 1, not {value!r}.")
-                                 .format(name=key, value=value))
-            settings[key] = int(value)
-    if "noise" in settings and settings["noise"] not in DIFFUSION_NOISE_KINDS:
-        raise ValueError(_("The diffusion noise must be one of {kinds}, not {value!r}.").format(
-            kinds=", ".join(DIFFUSION_NOISE_KINDS), value=settings["noise"]))
-    effective = {**(card or {}), **settings}
-    total, level, steps = (effective.get(key) for key in ("train_timesteps", "noise_level", "steps"))
-    if isinstance(total, int) and isinstance(level, int) and level > total:
-        raise ValueError(_("The noise level ({level}) exceeds the model's {total} diffusion training steps.").format(
-            level=level, total=total))
-    if isinstance(level, int) and isinstance(steps, int) and steps > level:
-        raise ValueError(_("The denoising steps ({steps}) exceed the noise level ({level}).").format(
-            steps=steps, level=level))
-    arguments = []
-    for key, value in settings.items():
-        arguments += [DIFFUSION_OPTIONS[key], str(value)]
-    return arguments
-
-
-def start_run(input_volume, model_name: str, device: str, registered: bool, brain_mask, temp_root: str,
-             python: Optional[str] = None, diffusion: Optional[dict[str, Any]] = None,
-             diffusion_card: Optional[dict[str, Any]] = None, accept_poor_alignment: bool = False,
-             skull: str = "detect") -> RunHandle:
+def start_run(input_volume, model_name: str, options: RunOptions, brain_mask, temp_root: str,
+              python: Optional[str] = None, diffusion_card: Optional[dict[str, Any]] = None) -> RunHandle:
     """Write the input (and mask) to a new temporary folder and start the CLI on it; returns at once.
 
-    ``diffusion`` (diffusion models only: the CLI refuses these options for other families) overrides
-    the card's noise_level, steps, samples and noise; ``diffusion_card``, the card's own settings, is
-    what they are checked against (see diffusion_arguments). ``skull``: one of SKULL_OPTIONS."""
-    if skull not in SKULL_OPTIONS:
-        raise ValueError(_("Unknown skull setting {skull!r}: one of {options}.").format(
-            skull=skull, options=", ".join(SKULL_OPTIONS)))
+    ``options.diffusion`` (diffusion models only: the CLI refuses these options for other families)
+    overrides the card's noise_level, steps, samples and noise; they are checked here against
+    ``diffusion_card``, the card's own settings, so a bad value is reported before anything runs."""
     if input_volume is None or input_volume.GetImageData() is None:
         raise ValueError(_("Select an input volume that has image data."))
     if not model_name:
         raise ValueError(_("Select a model."))
-    extra_args = diffusion_arguments(diffusion, diffusion_card)
-    if accept_poor_alignment:
-        extra_args.append("--accept-poor-alignment")
-    extra_args += SKULL_OPTIONS[skull]
+    if options.diffusion:
+        checked_diffusion(options.diffusion, diffusion_card)
     os.makedirs(temp_root, exist_ok=True)
     work_dir = tempfile.mkdtemp(prefix="NormativeAnomaly-", dir=temp_root)
     try:
@@ -145,8 +98,8 @@ def start_run(input_volume, model_name: str, device: str, registered: bool, brai
             mask_path = os.path.join(work_dir, "mask.nrrd")
             _write_volume(brain_mask, mask_path)
         out_dir = os.path.join(work_dir, "out")  # must not exist yet: the CLI refuses a non-empty folder
-        command = run_command(input_path, out_dir, model=model_name, device=device, registered=registered,
-                              mask_path=mask_path, extra_args=extra_args, python=python or python_executable())
+        command = run_command(input_path, out_dir, model_name, options, mask_path=mask_path,
+                              python=python or python_executable())
         logging.info("NormativeAnomaly: running " + " ".join(command))
         run = BackgroundRun(command)
     except BaseException:
@@ -251,10 +204,6 @@ def finish_run(handle: RunHandle, scene, color_logic=None):
 def failure_message(state: RunState) -> str:
     if state.returncode == EXIT_CANCELLED:
         return _("Cancelled")
-    message = state.message.strip()
-    for prefix in CLI_PREFIXES:
-        if message.startswith(prefix):
-            message = message[len(prefix):]
-            break
+    message = without_prefix(state.message)
     return message or _("The analysis failed (exit status {status}); see the Python console.").format(
         status=state.returncode)

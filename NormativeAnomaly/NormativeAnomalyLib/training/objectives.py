@@ -23,7 +23,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..diffusion import DEFAULT_DIFFUSION, structured_noise, to_diffusion_range
+from ..diffusion import structured_noise, to_diffusion_range
+from ..options import DIFFUSION_DEFAULTS
 from ..models.networks import build_network
 from .data import coarse_noise
 
@@ -143,7 +144,7 @@ class Diffusion(Objective):
         super().__init__(config, device, wrap)
         from monai.networks.schedulers import DDPMScheduler
 
-        self.settings = {**DEFAULT_DIFFUSION, **config.get("diffusion", {})}
+        self.settings = {**DIFFUSION_DEFAULTS, **config.get("diffusion", {})}
         self.scheduler = DDPMScheduler(num_train_timesteps=int(self.settings["train_timesteps"]),
                                        schedule=self.settings["schedule"], beta_start=float(self.settings["beta_start"]),
                                        beta_end=float(self.settings["beta_end"]), clip_sample=False)

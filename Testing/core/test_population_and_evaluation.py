@@ -19,7 +19,7 @@ from NormativeAnomalyLib.evaluation import auprc, auroc, best_dice, detected_les
 from NormativeAnomalyLib.population import Anatomy, healthy_variants, spatial_variant
 from NormativeAnomalyLib.simulation import LESION_KINDS, simulate_lesion
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NORMALISATION = {"method": "percentile", "lower": 1.0, "upper": 99.0, "clip": [0.0, 1.5]}
 
 
@@ -135,33 +135,48 @@ def test_two_process_torchrun_training(tmp_path, template_t1_path):
     assert (tmp_path / "package" / "training_loss.png").is_file()
 
 
-def test_evaluation_script_compares_models_on_shared_registrations(tmp_path, demo_paths, tiny_t1_path, trained_dae,
-                                                                   monkeypatch):
-    """scripts/evaluate.py on a lesion case and a healthy scan with two models: one table row per
-    model, the figure with a row per model, and each case registered once for both models."""
-    import shutil
+def test_models_are_compared_on_shared_registrations(tmp_path, demo_paths, trained_dae, monkeypatch):
+    """evaluation.evaluate_model for two models on one lesion case: the case is registered once."""
+    from NormativeAnomalyLib import evaluation
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    import evaluate
+    calls = []
+    real_register = evaluation.register_to_template
+    monkeypatch.setattr(evaluation, "register_to_template",
+                        lambda *args, **kwargs: calls.append(1) or real_register(*args, **kwargs))
+    cases = [{"case": "demo", "image": demo_paths[0], "mask": demo_paths[1], "type": "lesion"}]
+    registrations = evaluation.Registrations()
+    results = [evaluation.evaluate_model(model, cases, {"demo"}, registrations)
+               for model in ("intensity-t1", str(trained_dae.path))]
+    assert len(calls) == 1  # one case, not one case x two models
+    assert [r["model"] for r in results] == ["intensity-t1", trained_dae.name]
+    for result in results:
+        assert 0 <= result["types"]["lesion"]["auprc"] <= 1 and result["seconds_per_volume"] > 0
+        assert set(result["maps"]) == {"demo"}
+
+
+@pytest.mark.slow
+def test_evaluation_script_writes_a_table_and_a_figure_and_reuses_its_cache(tmp_path, demo_paths, tiny_t1_path,
+                                                                            trained_dae):
+    """scripts/evaluate.py on a lesion case and a healthy scan with two models: one table row per
+    model, the figure with a row per model; run again, everything comes from the cache."""
+    import shutil
 
     data = tmp_path / "cases"
     data.mkdir()
     shutil.copy(demo_paths[0], data / "demo_image.nii.gz")
     shutil.copy(demo_paths[1], data / "demo_mask.nii.gz")
     shutil.copy(tiny_t1_path, data / "head_image.nii.gz")
-    calls = []
-    real_register = evaluate.register_to_template
-    monkeypatch.setattr(evaluate, "register_to_template",
-                        lambda *args, **kwargs: calls.append(1) or real_register(*args, **kwargs))
     out = tmp_path / "evaluation"
-    arguments = ["--data", str(data), "--models", "intensity-t1", str(trained_dae.path), "--out", str(out),
-                 "--cache", str(tmp_path / "cache")]
-    assert evaluate.main(arguments) == 0
-    assert len(calls) == 2  # two cases, not two cases x two models
+    command = [sys.executable, str(Path(__file__).resolve().parents[2] / "scripts" / "evaluate.py"),
+               "--data", str(data), "--models", "intensity-t1", str(trained_dae.path), "--out", str(out),
+               "--cache", str(tmp_path / "cache")]
+    first_run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert first_run.returncode == 0, first_run.stderr[-2000:]
     first = (out / "results.json").read_text()
-    assert evaluate.main(arguments) == 0  # everything from the cache: no registration, same table
-    assert len(calls) == 2 and (out / "results.json").read_text() == first
-    results = json.loads((out / "results.json").read_text())
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("from the cache") == 2 and (out / "results.json").read_text() == first
+    results = json.loads(first)
     assert [r["model"] for r in results] == ["intensity-t1", trained_dae.name]
     for result in results:
         assert set(result["types"]) == {"lesion"} and set(result["healthy_flagged_ml"]) == {"head"}

@@ -15,7 +15,7 @@ import pytest
 from test_cli import LIBRARY_ROOT, assert_ok, run_cli, snapshot
 
 from NormativeAnomalyLib.lesions import segment_anomalies
-from NormativeAnomalyLib.outputs import OUTPUT_FILES, output_lock
+from NormativeAnomalyLib.run_folder import OUTPUT_FILES, output_lock
 
 pytestmark = pytest.mark.reliability
 
@@ -24,7 +24,7 @@ FAST = ("--model", "intensity-t1", "--registered", "--quiet")  # the template it
 
 def _hold_lock(out: Path) -> subprocess.Popen:
     """Another process holding the output lock of ``out`` (as a run does while it computes)."""
-    code = ("import sys, time; from NormativeAnomalyLib.outputs import output_lock\n"
+    code = ("import sys, time; from NormativeAnomalyLib.run_folder import output_lock\n"
             f"with output_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(600)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, encoding="utf-8",
                               env=dict(os.environ, PYTHONPATH=str(LIBRARY_ROOT)))

@@ -20,13 +20,14 @@ from NormativeAnomalyLib.mrml import run_controller  # noqa: E402
 from NormativeAnomalyLib.mrml.lesion_table import read_lesion_table  # noqa: E402
 from NormativeAnomalyLib.mrml.scene import create_scene  # noqa: E402
 from NormativeAnomalyLib.mrml.volumes import load_volume_file  # noqa: E402
+from NormativeAnomalyLib.options import RunOptions  # noqa: E402
 from NormativeAnomalyLib.resources import demo_case  # noqa: E402
 from NormativeAnomalyWeb.files import FileAccess, safe_name  # noqa: E402
 from NormativeAnomalyWeb.session import AnalysisSession, SessionError  # noqa: E402
 
 from test_mrml_logic import segment_on_input_grid  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE_DATA = REPO / "Resources" / "SampleData"
 DEMO = demo_case()
 
@@ -111,7 +112,7 @@ def test_web_and_slicer_module_give_the_same_segmentation(files, demo_paths):
     # The Slicer module's path: NormativeAnomalyLogic.startRun / finishRun call these functions.
     standalone = create_scene()
     volume = load_volume_file(standalone.scene, demo_paths[0], "demo_t1")
-    handle = run_controller.start_run(volume, model, "auto", False, None, str(access.work_dir / "slicer"))
+    handle = run_controller.start_run(volume, model, RunOptions(), None, str(access.work_dir / "slicer"))
     assert run_controller.wait_for_run(handle, 600).returncode == 0
     slicer_nodes, slicer_live = run_controller.finish_run(handle, standalone.scene, standalone.color_logic)
     # The web app's path, on trame-slicer's scene.

@@ -22,10 +22,11 @@ from scipy import ndimage
 pytest.importorskip("trame_slicer", reason="the web requirements are not installed")
 pytest.importorskip("playwright", reason="the web requirements are not installed")
 
-from web_browser import (browser_available, browser_page, click_slider, frames, run_model,  # noqa: E402
-                         segment_voxels, server_log, wait_for_frame, wait_for_quiet, web_server)
+from NormativeAnomalyWeb.browser import (browser_available, browser_page, click_slider, frames,  # noqa: E402
+                                         run_model, segment_voxels, server_log, wait_for_frame, wait_for_quiet,
+                                         web_server)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / "out" / "screenshots"
 REQUIRED = os.environ.get("NORMATIVE_ANOMALY_REQUIRE_BROWSER") == "1"  # CI: a missing browser fails
 

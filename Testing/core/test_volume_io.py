@@ -71,11 +71,11 @@ def test_bad_volumes_are_refused_with_one_line(values, message):
 
 
 def test_huge_volume_is_refused_from_its_header_alone(tmp_path, monkeypatch):
-    import NormativeAnomalyLib.volume_io as volume_io
+    import NormativeAnomalyLib.volume_headers as volume_headers
 
     path = tmp_path / "big.nrrd"
     sitk.WriteImage(sitk.Image(64, 64, 64, sitk.sitkUInt8), str(path))
-    monkeypatch.setattr(volume_io, "MAX_VOXELS", 64**3 - 1)
+    monkeypatch.setattr(volume_headers, "MAX_VOXELS", 64**3 - 1)
     with pytest.raises(InputVolumeError, match="over the limit"):
         read_volume(path)
 

@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SEGMENT_ID = "Anomaly"
 
@@ -195,7 +195,7 @@ def test_mrml_geometry_of_outputs_matches_input(head_run, real_t1_head_path):
     reference = load_volume_node(scene, real_t1_head_path)
     expected = ijk_to_ras(reference)
     source = sitk.ReadImage(str(real_t1_head_path))
-    from NormativeAnomalyLib.outputs import ijk_to_lps
+    from NormativeAnomalyLib.volume_io import ijk_to_lps
 
     assert np.allclose(LPS_TO_RAS @ ijk_to_lps(source), expected, atol=1e-4)  # SimpleITK and MRML agree
     for name in ("anomaly_map.nii.gz", "pseudo_healthy.nii.gz"):

@@ -8,7 +8,7 @@ import re
 import xml.dom.minidom
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "NormativeAnomaly"
 
 
@@ -106,13 +106,74 @@ def test_core_imports_no_front_end():
         assert not imported & front_ends, (path, sorted(imported & front_ends))
 
 
+def _library_import_graph() -> dict[str, set[str]]:
+    """Each NormativeAnomalyLib module and the library modules it imports, at module level or
+    inside a function (a function-level import hides a circle; it does not remove it)."""
+    root = MODULE / "NormativeAnomalyLib"
+
+    def name_of(path: Path) -> str:
+        parts = path.relative_to(MODULE).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    paths = {name_of(path): path for path in root.rglob("*.py") if "__pycache__" not in path.parts}
+    graph = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                imported |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in paths else base for alias in node.names}
+        graph[name] = {other for other in imported if other in paths and other != name}
+    return graph
+
+
+def test_the_library_import_graph_has_no_circle():
+    graph = _library_import_graph()
+    assert len(graph) > 40 and graph["NormativeAnomalyLib.outputs"] >= {"NormativeAnomalyLib.run_folder"}
+    finished: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(name):] + [name]))
+        if name in finished:
+            return
+        for other in sorted(graph[name]):
+            visit(other, path + [name])
+        finished.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def test_scripts_and_tests_reach_the_library_as_installed():
+    """Scripts are thin wrappers of the installed package and tests import the library, not scripts:
+    the only path edit is conftest's (tests run from a checkout without installing)."""
+    edits = [path.relative_to(REPO).as_posix() for folder in ("scripts", "Testing") for path in (REPO / folder).rglob("*.py")
+             if re.search(r"sys\.path\.(insert|append)", path.read_text())]
+    assert edits == ["Testing/conftest.py"]
+
+
+def test_the_slicer_panel_imports_neither_torch_nor_monai():
+    """Slicer's own process: the module file and its panel code never import torch or MONAI, at any level."""
+    for path in [MODULE / "NormativeAnomaly.py", *(MODULE / "NormativeAnomalySlicer").glob("*.py")]:
+        imported = set(_imported_modules(path))
+        assert not imported & {"torch", "monai", "safetensors"}, (path, sorted(imported))
+
+
 def test_what_slicer_imports_pulls_in_neither_torch_nor_monai():
     """Slicer's process lists models and loads results; torch and MONAI live in the CLI's process."""
     import subprocess
     import sys
 
     code = ("import sys, NormativeAnomalyLib.mrml, NormativeAnomalyLib.mrml.display, NormativeAnomalyLib.mrml.export, "
-            "NormativeAnomalyLib.background, NormativeAnomalyLib.run_outputs, NormativeAnomalyLib.models; "
+            "NormativeAnomalyLib.mrml.run_controller, NormativeAnomalyLib.mrml.live_segmentation, "
+            "NormativeAnomalyLib.background, NormativeAnomalyLib.run_folder, NormativeAnomalyLib.options, NormativeAnomalyLib.resources, "
+            "NormativeAnomalyLib.models; "
             "from NormativeAnomalyLib.models import available_models, read_card; "
             "[read_card(m['path']) for m in available_models()]; "
             "print(sorted(m for m in ('torch', 'monai', 'safetensors') if m in sys.modules))")

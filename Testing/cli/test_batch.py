@@ -24,9 +24,9 @@ import SimpleITK as sitk
 from NormativeAnomalyLib.batch import Case, Worker, read_cases, shard
 from NormativeAnomalyLib.cli import main
 from NormativeAnomalyLib.errors import NormativeAnomalyError
-from NormativeAnomalyLib.outputs import OUTPUT_FILES
+from NormativeAnomalyLib.run_folder import OUTPUT_FILES
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FAST = ["--model", "intensity-t1", "--registered"]
 
 

@@ -27,13 +27,14 @@ from NormativeAnomalyLib.models import default_model_name  # noqa: E402
 from NormativeAnomalyLib.mrml import (LiveSegmentation, SegmentationEditedError, SegmentationFrozenError,  # noqa: E402
                                       find_results, load_run)
 from NormativeAnomalyLib.mrml.display import centre_on, show_result  # noqa: E402
-from NormativeAnomalyLib.mrml.export import EXPORT_FILES, UNCERTAINTY_FILE, export_clashes, export_result  # noqa: E402
+from NormativeAnomalyLib.mrml.export import EXPORT_FILES, export_clashes, export_result  # noqa: E402
+from NormativeAnomalyLib.run_folder import UNCERTAINTY_MAP  # noqa: E402
 from NormativeAnomalyLib.mrml.lesion_table import read_lesion_table  # noqa: E402
 from NormativeAnomalyLib.mrml.result_nodes import SEGMENT_ID, ResultNodes  # noqa: E402
 from NormativeAnomalyLib.mrml.scene import create_scene  # noqa: E402
 from NormativeAnomalyLib.mrml.volumes import ijk_to_ras, load_volume_file  # noqa: E402
 from NormativeAnomalyLib.progress import Monitor  # noqa: E402
-from NormativeAnomalyLib.run_outputs import read_run_folder  # noqa: E402
+from NormativeAnomalyLib.run_folder import read_run_folder  # noqa: E402
 
 CONNECTIVITY = np.ones((3, 3, 3), bool)
 
@@ -496,14 +497,14 @@ def test_export_asks_before_replacing_any_hand_over_file(scene_with_result, tmp_
     _, nodes, _ = scene_with_result
     folder = tmp_path / "export"
     folder.mkdir()
-    (folder / UNCERTAINTY_FILE).write_bytes(b"an earlier export")
+    (folder / UNCERTAINTY_MAP).write_bytes(b"an earlier export")
     (folder / "notes.txt").write_text("the user's own")
-    assert export_clashes(folder) == [UNCERTAINTY_FILE]
-    with pytest.raises(OutputError, match=UNCERTAINTY_FILE):
+    assert export_clashes(folder) == [UNCERTAINTY_MAP]
+    with pytest.raises(OutputError, match=UNCERTAINTY_MAP):
         export_result(nodes, folder)
     export_result(nodes, folder, overwrite=bool(export_clashes(folder)))
     assert (folder / "notes.txt").read_text() == "the user's own"
-    assert (folder / UNCERTAINTY_FILE).exists() == (nodes.uncertainty_map is not None)  # no stale map left
+    assert (folder / UNCERTAINTY_MAP).exists() == (nodes.uncertainty_map is not None)  # no stale map left
 
 
 @pytest.mark.parametrize("as_bundle", [False, True], ids=["mrml", "mrb"])
@@ -553,16 +554,18 @@ def test_saved_scene_reopens_with_outputs_and_settings(scene_with_result, tmp_pa
 
 
 def test_mrml_result_equals_the_cli_segmentation(scene_with_result, demo_run):
-    """The same numbers through both front ends: the module's first segment is the CLI's file."""
-    import slicerio
+    """The same numbers through both front ends: a GUI's run writes only run.json and the maps, and
+    the module's first segment is what the CLI segments from that map (its lesion count included)."""
+    from NormativeAnomalyLib.lesions import segment_anomalies
+    from NormativeAnomalyLib.run_folder import MAP_FILES
 
+    assert sorted(path.name for path in demo_run.iterdir()) == sorted(MAP_FILES)
     _, nodes, _ = scene_with_result
     summary = json.loads((demo_run / "run.json").read_text())
     assert nodes.threshold == summary["threshold"]
-    written = slicerio.read_segmentation(str(demo_run / "anomalies.seg.nrrd"))
-    voxels = written["voxels"]
-    mask = voxels.transpose(2, 1, 0) == written["segments"][0]["labelValue"]
-    assert np.array_equal(segment_on_input_grid(nodes), mask)
+    cli = segment_anomalies(read_run_folder(demo_run).anomaly_map, summary["threshold"], summary["min_lesion_mm3"])
+    assert len(cli.kept) == summary["lesion_count"]
+    assert np.array_equal(segment_on_input_grid(nodes), cli.mask)
     assert len(read_lesion_table(nodes.lesion_table)) == summary["lesion_count"]
 
 

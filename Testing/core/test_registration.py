@@ -133,13 +133,13 @@ def test_the_same_real_head_registers_identically_on_every_run(real_t1_head_path
             f"image = sitk.ReadImage({str(real_t1_head_path)!r}, sitk.sitkFloat32)\n"
             "result = register_to_template(image, load_template('icbm152_2009c_t1_2mm').image)\n"
             "print(json.dumps([list(result.transform.GetParameters()), result.metric]))\n")
-    env = dict(__import__("os").environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "NormativeAnomaly"))
+    env = dict(__import__("os").environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "NormativeAnomaly"))
     runs = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                                       check=True).stdout.splitlines()[-1]) for _ in range(2)]
     assert runs[0] == runs[1]
 
 
-BRATS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "brats-dev"
+BRATS = Path(__file__).resolve().parents[3] / "shared" / "data" / "brats-dev"
 
 
 @pytest.mark.slow
@@ -159,7 +159,8 @@ def test_real_scans_pass_the_alignment_check_and_failures_do_not(case, contrast,
     is registered to the template's brain and judged on the template's brain."""
     from NormativeAnomalyLib.errors import RegistrationError
     from NormativeAnomalyLib.model_space import prepare_model_input
-    from NormativeAnomalyLib.pipeline import RunOptions, check_alignment, input_brain_mask
+    from NormativeAnomalyLib.model_space import check_alignment
+    from NormativeAnomalyLib.pipeline import RunOptions, input_brain_mask
     from NormativeAnomalyLib.templates import load_template
 
     template = load_template(f"icbm152_2009c_{modality.lower()}_2mm")

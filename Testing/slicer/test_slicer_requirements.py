@@ -54,7 +54,7 @@ def test_a_missing_or_broken_model_registry_gives_a_one_line_reason_not_an_excep
     resources = tmp_path / "Resources"
     (resources / "Models").mkdir(parents=True)
     if registry == "broken":
-        for path in (Path(__file__).resolve().parent.parent / "Resources" / "Models").glob("*.json"):
+        for path in (Path(__file__).resolve().parents[2] / "Resources" / "Models").glob("*.json"):
             (resources / "Models" / path.name).write_text("{ not json")
     monkeypatch.setenv("NORMATIVE_ANOMALY_RESOURCES", str(resources))
     models, error = availableModels()

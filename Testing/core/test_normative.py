@@ -159,7 +159,7 @@ def test_a_tampered_or_misshapen_statistics_file_is_refused(package_with_statist
         load_package(folder)
 
 
-BRATS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "brats-dev"
+BRATS = Path(__file__).resolve().parents[3] / "shared" / "data" / "brats-dev"
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ from NormativeAnomalyLib.templates import sha256_of
 
 pytestmark = pytest.mark.reliability
 
-BUNDLED = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+BUNDLED = Path(__file__).resolve().parents[2] / "Resources" / "Models"
 NAME = "mine-ae3d"  # the test package: ae3d-t1's card and weights under a name no bundled model has
 AREA, ARCHIVE_AREA = "model package", "model package archive"
 
@@ -264,7 +264,7 @@ HUGE_HEADER = 600 << 20  # what the tester's 0.6 MB archive announced
 def memory_limited_install(archives: list[Path], models_root: Path) -> list[str]:
     """The one-line outcome of installing each archive in a child process limited to the memory it
     already uses plus HEADROOM (a refusal's message, "installed" or "MemoryError")."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "NormativeAnomaly"))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "NormativeAnomaly"))
     result = subprocess.run([sys.executable, "-c", MEMORY_LIMITED_INSTALL, str(HEADROOM), str(models_root),
                              *map(str, archives)], capture_output=True, text=True, env=env, timeout=600)
     lines = result.stdout.splitlines()

@@ -19,14 +19,15 @@ import SimpleITK as sitk
 import torch
 from conftest import micro_training_config
 
-from NormativeAnomalyLib.diffusion import NOISE_KINDS, settings_with, structured_noise
+from NormativeAnomalyLib.diffusion import settings_with, structured_noise
+from NormativeAnomalyLib.options import DIFFUSION_NOISE_KINDS
 from NormativeAnomalyLib.errors import NormativeAnomalyError
 from NormativeAnomalyLib.models import load_package
 from NormativeAnomalyLib.pipeline import RunOptions, detect_anomalies
 from NormativeAnomalyLib.simplex_noise import simplex3d, simplex_noise
 from NormativeAnomalyLib.training import train_model
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SLICE_SHAPE = [112, 96]  # axial slices of the 2 mm template grid (y, x)
 
 TINY_NETWORKS = {
@@ -135,7 +136,7 @@ def test_diffusion_options_are_refused_for_other_families(family_packages, real_
 
 def test_structured_noise_has_unit_variance_and_is_smooth_unless_gaussian():
     generator = torch.Generator().manual_seed(0)
-    for kind in NOISE_KINDS:
+    for kind in DIFFUSION_NOISE_KINDS:
         noise = structured_noise((4, 1, 112, 96), kind, generator)
         assert noise.shape == (4, 1, 112, 96)
         assert abs(float(noise.std()) - 1.0) < 0.05 and abs(float(noise.mean())) < 0.1

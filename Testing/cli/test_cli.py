@@ -28,12 +28,12 @@ import SimpleITK as sitk
 from NormativeAnomalyLib.models import default_model_name, resolve_model
 from NormativeAnomalyLib.resources import demo_case
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LIBRARY_ROOT = REPO / "NormativeAnomaly"
 BUNDLED_INTENSITY_PACKAGE = REPO / "Resources" / "Models" / "intensity-t1"
 STAGES = ("registration", "model_space", "inference", "scoring", "to_input_grid", "segmentation", "total")
 
-from NormativeAnomalyLib.outputs import LESION_COLUMNS, OUTPUT_FILES  # noqa: E402  (conftest sets sys.path)
+from NormativeAnomalyLib.run_folder import LESION_COLUMNS, MAP_FILES, OUTPUT_FILES, read_run_folder  # noqa: E402  (conftest sets sys.path)
 
 
 def run_cli(*args, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -196,6 +196,21 @@ def test_overwrite_replaces_outputs_and_keeps_the_users_files(template_t1_path, 
     assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES, "notes.txt"])
     assert read_json(out / "run.json")["model"]["name"] == default_model_name()
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_maps_only_writes_what_a_front_end_reads(template_t1_path, tmp_path):
+    """A GUI's run (--maps-only, as background.run_command asks) writes run.json and the maps only;
+    over an earlier full set (--overwrite) it leaves none of the earlier segmentation or tables."""
+    from NormativeAnomalyLib.background import run_command
+
+    assert "--maps-only" in run_command(template_t1_path, tmp_path / "gui")
+    out = tmp_path / "out"
+    assert_ok(run_cli("run", template_t1_path, "--registered", "--out", out, "--quiet"))
+    assert_ok(run_cli("run", template_t1_path, "--registered", "--out", out, "--quiet", "--maps-only", "--overwrite"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(MAP_FILES)
+    assert read_json(out / "run.json")["outputs"] == list(MAP_FILES)
+    outputs = read_run_folder(out)
+    assert outputs.anomaly_map.GetSize() == sitk.ReadImage(str(template_t1_path)).GetSize()
 
 
 def test_models_lists_the_default():

@@ -101,10 +101,8 @@ def test_training_resumes_from_its_checkpoint(tmp_path, template_t1_path):
 
 def test_recalibration_on_other_healthy_data_rewrites_only_the_calibration(trained_dae, tmp_path, real_t1_head_path):
     import shutil
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    from calibrate import recalibrate
+    from NormativeAnomalyLib.training.calibration import recalibrate
 
     folder = tmp_path / "package"
     shutil.copytree(trained_dae.path, folder)
@@ -195,7 +193,7 @@ def test_every_shipped_training_config_loads_and_builds_its_network():
     from NormativeAnomalyLib.training import FAMILIES
     from NormativeAnomalyLib.training.config import load_config
 
-    folder = Path(__file__).resolve().parent.parent / "scripts" / "configs"
+    folder = Path(__file__).resolve().parents[2] / "scripts" / "configs"
     paths = sorted(folder.glob("*.json"))
     assert {p.stem for p in paths} >= {"dae_t1", "dae_t2", "dae_flair", "dae_t1_gpu", "dae_t2_gpu", "dae_flair_gpu"}
     for path in paths:

@@ -1,6 +1,7 @@
 """Drive ``normative-anomaly serve`` in a real browser: Debian's Chromium through Playwright.
 
-Shared by the browser tests and ``scripts/benchmark_web.py``. The browser is the system's
+Shared by the browser tests (Testing/web/test_web_app.py) and ``scripts/benchmark_web.py``; needs Playwright
+(requirements-test.txt), imported only when a browser is driven. The browser is the system's
 (``apt-get install chromium``); Playwright never downloads one. Every new frame of a view
 is a new ``blob:`` image on trame-rca's ``img.image-display-area``; an init script records
 when each one has loaded, so latencies are measured in the page's own clock.

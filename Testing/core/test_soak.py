@@ -1,19 +1,14 @@
 """Runs in one long-lived process (Python API, web front end) must not grow its memory.
 
-A shorter form of ``scripts/soak.py``: the tiny trained DAE, loaded per run as a front end
+A shorter form of ``scripts/soak.py`` (both run ``NormativeAnomalyLib.soak``): the tiny trained DAE, loaded per run as a front end
 does, on the template (registered), 15 runs with outputs written and deleted each time.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-import soak  # noqa: E402
+from NormativeAnomalyLib import soak
 
 RUNS, WARMUP = 15, 5
 # After the warm-up the RSS stays flat within tens of MB (allocator arenas); a leak of a

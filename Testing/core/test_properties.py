@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from NormativeAnomalyLib.errors import InputVolumeError
 from NormativeAnomalyLib.volume_io import ijk_to_lps, read_volume
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

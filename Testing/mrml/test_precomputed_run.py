@@ -17,7 +17,7 @@ from scipy import ndimage
 
 pytest.importorskip("slicer")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RUN = REPO / "Testing" / "Data" / "demo_run"
 
 SCRIPT = r"""
@@ -34,7 +34,7 @@ from NormativeAnomalyLib.mrml.export import export_result
 from NormativeAnomalyLib.mrml.lesion_table import read_lesion_table
 from NormativeAnomalyLib.mrml.scene import create_scene
 from NormativeAnomalyLib.mrml.volumes import load_volume_file
-from NormativeAnomalyLib.run_outputs import read_run_folder
+from NormativeAnomalyLib.run_folder import read_run_folder
 
 folder = sys.argv[1]
 standalone = create_scene()
