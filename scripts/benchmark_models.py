@@ -20,8 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmark_run import cpu_model, tilted_default_input  # the sibling script (this folder is on sys.path)
 
-from benchmark_run import cpu_model, tilted_default_input
+from NormativeAnomalyLib.options import DEVICES
 
 TARGET_SECONDS = {"ddpm": 120.0, "intensity": None}
 DEFAULT_TARGET = 10.0
@@ -31,7 +32,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", help="names or package folders (default: every registered model)")
     parser.add_argument("--input", help="1 mm T1 (default: the tilted MNI152 6th-gen T1)")
-    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--device", default="cpu", choices=DEVICES)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 

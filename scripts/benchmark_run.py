@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from NormativeAnomalyLib.options import DEVICES
+
 START = time.perf_counter()  # before the heavy imports: the child's wall includes them, as the CLI's does
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,7 +143,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", help="volume to benchmark (default: the tilted MNI152 6th-gen T1)")
     parser.add_argument("--model", help="model name or package folder (default: the registry's default)")
-    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--device", default="cpu", choices=DEVICES)
     parser.add_argument("--repeats", type=int, default=3, help="fresh-process runs (default 3)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--out-json", type=Path, help="also save the results as JSON here")

@@ -21,10 +21,10 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from NormativeAnomalyLib.resources import demo_case
+from NormativeAnomalyLib.run_folder import MAP_FILES, RUN_JSON
 
 REPO = Path(__file__).resolve().parent.parent
 SPACING_MM = 3.0
-KEPT = ("run.json", "anomaly_map.nii.gz", "pseudo_healthy.nii.gz")
 
 
 def resampled_demo(spacing: float) -> sitk.Image:
@@ -45,16 +45,15 @@ def main() -> int:
         sitk.WriteImage(resampled_demo(SPACING_MM), str(input_path), useCompression=True)
         run_dir = Path(work) / "run"
         subprocess.run([sys.executable, "-m", "NormativeAnomalyLib.cli", "run", str(input_path), "--out",
-                        str(run_dir), "--quiet"], check=True)
-        summary = json.loads((run_dir / "run.json").read_text())
+                        str(run_dir), "--quiet", "--maps-only"], check=True)  # what a GUI's run writes
+        summary = json.loads((run_dir / RUN_JSON).read_text())
         summary["input"] = summary["settings"]["input"] = "input.nii.gz"
         summary["model"]["path"] = summary["model"]["name"]
-        summary["outputs"] = list(KEPT)
-        (run_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (run_dir / RUN_JSON).write_text(json.dumps(summary, indent=2) + "\n")
         shutil.rmtree(args.out, ignore_errors=True)
         args.out.mkdir(parents=True)
         shutil.copy(input_path, args.out / "input.nii.gz")
-        for name in KEPT:
+        for name in MAP_FILES:
             shutil.copy(run_dir / name, args.out / name)
     print(f"{args.out}: " + ", ".join(f"{p.name} {p.stat().st_size // 1024} KB" for p in sorted(args.out.iterdir())))
     return 0
