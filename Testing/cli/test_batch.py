@@ -161,6 +161,7 @@ def test_rerun_with_other_settings_does_not_mix_results(finished_batch, cohort, 
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_torchrun_two_workers_share_the_cases(cohort, tmp_path):
     """torchrun --nproc_per_node 2: each case written exactly once, by its worker (r, r+2, ...),
     and worker 0's summary merges both workers' logs."""
@@ -284,6 +285,7 @@ def test_batch_into_a_non_utf8_folder(cohort, tmp_path, reliability_case, capsys
 
 
 @pytest.mark.reliability
+@pytest.mark.slow
 def test_a_non_utf8_input_name_does_not_stop_the_cohort(cohort, tmp_path, reliability_case):
     """An input file whose name is not UTF-8 among good ones: the batch goes on to the end
     (in a subprocess: a native abort would take pytest with it)."""

@@ -154,6 +154,7 @@ def test_outputs_overlay_the_input_exactly(head_run, real_t1_head_path, name):
     assert np.allclose(written.GetDirection(), source.GetDirection(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_run_with_a_trained_dae_package(dae_package_dir, template_t1_path, tmp_path):
     out = tmp_path / "out"
     result = run_cli("run", template_t1_path, "--registered", "--model", dae_package_dir, "--out", out, "--quiet")
@@ -172,6 +173,7 @@ def test_run_with_a_trained_dae_package(dae_package_dir, template_t1_path, tmp_p
     assert not np.allclose(healthy, source)
 
 
+@pytest.mark.slow
 def test_demo(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("demo", "--out", out, "--quiet")
@@ -185,6 +187,7 @@ def test_demo(tmp_path):
     assert summary["demo_dice"] > 0.02  # the default model's segmentation overlaps the lesion (baseline: 0.000)
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_outputs_and_keeps_the_users_files(template_t1_path, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -198,6 +201,7 @@ def test_overwrite_replaces_outputs_and_keeps_the_users_files(template_t1_path, 
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
+@pytest.mark.slow
 def test_maps_only_writes_what_a_front_end_reads(template_t1_path, tmp_path):
     """A GUI's run (--maps-only, as background.run_command asks) writes run.json and the maps only;
     over an earlier full set (--overwrite) it leaves none of the earlier segmentation or tables."""

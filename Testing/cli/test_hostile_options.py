@@ -84,6 +84,7 @@ def test_negative_threshold_is_refused(tmp_path, template_t1_path, reliability_c
 @pytest.mark.parametrize("option, value, end", [("--fpr", "1e-9", 0), ("--threshold", "1000", 0),
                                                 ("--fpr", "0.9", -1), ("--threshold", "0.001", -1)],
                          ids=["fpr-below", "threshold-above", "fpr-above", "threshold-below"])
+@pytest.mark.slow
 def test_threshold_outside_the_calibration_is_clamped_and_reported(option, value, end, tmp_path, template_t1_path,
                                                                    reliability_case):
     """The calibration covers healthy false-positive rates 1e-5 to 0.5: a rate or threshold beyond
@@ -180,6 +181,7 @@ def test_unusable_destination_is_refused_before_the_run(where, keyword, tmp_path
     reliability_case("output folder", f"--out {case}", f"exit 1: {message}")
 
 
+@pytest.mark.slow
 def test_symlink_to_an_empty_folder_is_written_through(tmp_path, template_t1_path, reliability_case):
     target = tmp_path / "results"
     target.mkdir()
@@ -198,6 +200,7 @@ def test_symlink_to_an_empty_folder_is_written_through(tmp_path, template_t1_pat
     (b"dir\xfe/out", "a parent folder whose name is not UTF-8 (b'dir\\xfe/out')"),
     (b"n" * 240, "a folder name of 240 bytes"), (b"n" * 255, "a folder name of 255 bytes (the most there is)"),
 ], ids=["non-utf8-name", "non-utf8-parent", "name-of-240-bytes", "name-of-255-bytes"])
+@pytest.mark.slow
 def test_odd_but_valid_destination_is_written(name, case, tmp_path, template_t1_path, reliability_case):
     """Names ITK cannot take (not UTF-8) and names so long that the lock or staging folder
     beside them would pass the 255-byte limit."""

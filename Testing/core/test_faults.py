@@ -32,6 +32,7 @@ def _hold_lock(out: Path) -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.slow
 def test_second_run_into_the_same_folder_is_refused(tmp_path, template_t1_path, reliability_case):
     out = tmp_path / "out"
     holder = _hold_lock(out)
@@ -67,6 +68,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
     return {name: (out / name).read_bytes() for name in OUTPUT_FILES if (out / name).exists()}
 
 
+@pytest.mark.slow
 def test_run_killed_while_writing_leaves_old_or_new_complete_set(tmp_path, template_t1_path, reliability_case):
     """SIGKILL (no clean-up possible) at the moment the run starts writing, over a previous result
     with --overwrite: the folder holds the previous set or the new one, each complete."""
@@ -125,6 +127,7 @@ def _intensity_result(template_t1_path: Path):
     return detect_anomalies(read_volume(template_t1_path), resolve_model("intensity-t1"), RunOptions(registered=True))
 
 
+@pytest.mark.slow
 def test_overwrite_over_a_folder_named_like_an_output_is_refused(tmp_path, template_t1_path, reliability_case):
     """--overwrite replaces earlier output files, never a folder of the user's that has an
     output's name: refused before the run, the earlier set left whole."""
@@ -186,6 +189,7 @@ def test_failed_swap_restores_the_previous_set(failing_move, tmp_path, monkeypat
                      f"{error.value}; the previous set and the user's files restored byte for byte")
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_writing_keeps_the_previous_set(tmp_path, template_t1_path, reliability_case):
     """Ctrl-C (SIGINT) once the run is writing its outputs: the new set is not moved in."""
     out = tmp_path / "out"

@@ -534,6 +534,7 @@ def _box_mask(path: Path, corner: int) -> Path:
     (30, "a --mask box in a corner of the volume, off the brain (the run went through before)"),
     (8, "a --mask of a few voxels off the brain (the input was blamed: 'is this a brain MRI')"),
 ])
+@pytest.mark.slow
 def test_mask_that_misses_the_brain_is_blamed(corner, description, tmp_path, reliability_case):
     mask = _box_mask(tmp_path / "mask.nii.gz", corner)
     line = refused(run(DEMO, tmp_path / "out", "--mask", mask))

@@ -223,6 +223,7 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("build, extra, keyword, description", REFUSED)
+@pytest.mark.slow
 def test_hostile_volume_is_refused_with_one_line(build, extra, keyword, description, tmp_path, reliability_case):
     input_path = build(tmp_path)
     before = snapshot(tmp_path)
@@ -263,6 +264,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 
 
+@pytest.mark.slow
 def test_other_voxel_order_gives_the_same_result(demo_run, tmp_path, reliability_case):
     """The same physical image stored with another axis order and directions (PIR instead of the
     demo's): outputs on the new grid, the same segmentation once resampled back."""
@@ -281,6 +283,7 @@ def test_other_voxel_order_gives_the_same_result(demo_run, tmp_path, reliability
                      f"ran; segmentation Dice {dice:.3f} with the original orientation's, on the input's own grid")
 
 
+@pytest.mark.slow
 def test_extreme_anisotropy_is_handled_on_the_input_grid(demo_run, tmp_path, reliability_case):
     """0.5 x 0.5 x 7 mm voxels (a thick-slice clinical acquisition)."""
     summary, out = demo_run
@@ -300,6 +303,7 @@ def test_extreme_anisotropy_is_handled_on_the_input_grid(demo_run, tmp_path, rel
                      f"(1.5 mm original: {summary['lesion_volume_ml']:.1f} mL)")
 
 
+@pytest.mark.slow
 def test_full_int32_range_gives_the_same_segmentation(demo_run, tmp_path, reliability_case):
     """Voxel values spanning the whole int32 range (an export that rescaled to the type's limits)."""
     summary, out = demo_run

@@ -68,6 +68,7 @@ def family_packages(tmp_path_factory, template_t1_path) -> dict:
 
 
 @pytest.mark.parametrize("name", ["ae", "vae", "gan", "ddpm", "ae3d"])
+@pytest.mark.slow
 def test_every_family_packages_loads_and_runs_end_to_end(family_packages, name, template):
     package = family_packages[name]
     reloaded = load_package(package.path)  # the one loader: schema, SHA-256, safetensors, strict state dict
@@ -90,6 +91,7 @@ def test_every_family_packages_loads_and_runs_end_to_end(family_packages, name, 
     assert result.uncertainty is None  # one reconstruction: no variance
 
 
+@pytest.mark.slow
 def test_diffusion_runs_with_two_steps_and_writes_an_uncertainty_map(family_packages, real_t1_head_path, tmp_path):
     """The CLI on a real head (registration included): 2 DDIM steps, 3 samples -> uncertainty_map
     on the input's grid; the card's settings are overridden from the command line."""
@@ -114,6 +116,7 @@ def test_diffusion_runs_with_two_steps_and_writes_an_uncertainty_map(family_pack
     assert variance.min() >= 0 and variance.max() > 0  # three different noise draws disagree somewhere
 
 
+@pytest.mark.slow
 def test_diffusion_reconstruction_is_seeded_and_overrides_are_checked(family_packages, template):
     package = family_packages["ddpm"]
     first = detect_anomalies(template.image, package, RunOptions(registered=True, diffusion={"steps": 1}))

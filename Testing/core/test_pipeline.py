@@ -68,6 +68,7 @@ def test_cancel_stops_the_run(trained_dae, template_t1_path):
                          Monitor(cancel=cancel_during_inference))
 
 
+@pytest.mark.slow
 def test_intensity_baseline_on_a_real_head(real_t1_head_path):
     image = read_volume(real_t1_head_path)
     result = detect_anomalies(image, resolve_model("intensity-t1"), RunOptions(fpr=0.02, min_lesion_mm3=0))

@@ -121,6 +121,7 @@ def test_lesion_detection_counts_components():
     assert detected_lesions(predicted, truth) == (2, 3)
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_training(tmp_path, template_t1_path):
     """The DistributedDataParallel path: torchrun, 2 CPU processes (gloo), one package written."""
     config = micro_training_config("dae-ddp", template_t1_path, seed=3, steps=4, out=str(tmp_path / "package"))
@@ -135,6 +136,7 @@ def test_two_process_torchrun_training(tmp_path, template_t1_path):
     assert (tmp_path / "package" / "training_loss.png").is_file()
 
 
+@pytest.mark.slow
 def test_models_are_compared_on_shared_registrations(tmp_path, demo_paths, trained_dae, monkeypatch):
     """evaluation.evaluate_model for two models on one lesion case: the case is registered once."""
     from NormativeAnomalyLib import evaluation
@@ -181,7 +183,7 @@ def test_evaluation_script_writes_a_table_and_a_figure_and_reuses_its_cache(tmp_
     for result in results:
         assert set(result["types"]) == {"lesion"} and set(result["healthy_flagged_ml"]) == {"head"}
         assert 0 <= result["types"]["lesion"]["auprc"] <= 1 and result["seconds_per_volume"] > 0
-    table = (out / "results.md").read_text()
+    table = (out / "results.md").read_text(encoding="utf-8")
     assert table.count("| intensity-t1 |") == 2 and table.count(f"| {trained_dae.name} |") == 2
     import matplotlib.image
 

@@ -64,6 +64,7 @@ def test_rigid_recovers_a_rigid_motion(template):
     assert point_errors(result.transform, truth, brain_points(template)).mean() < 1.0
 
 
+@pytest.mark.slow
 def test_real_head_registers_plausibly(template, real_t1_head_path):
     """A real 2x2x3 mm head with skull: a plausible head-size affine, and brain intensities that
     correlate with the template's once aligned."""
@@ -153,6 +154,7 @@ BRATS = Path(__file__).resolve().parents[3] / "shared" / "data" / "brats-dev"
     ("Brats18_2013_23_1", "t1", "FLAIR", None, False),  # a T1 for the FLAIR model: the tissue order tells
     ("Brats18_2013_11_1", "flair", "FLAIR", 0, False),  # upside down: the brain's shape tells
 ])
+@pytest.mark.slow
 def test_real_scans_pass_the_alignment_check_and_failures_do_not(case, contrast, modality, flip, passes):
     """Real skull-stripped scans with tumours are not refused; the same scans stored wrongly or of
     another contrast are (docs/alignment.md has all of them). As a run does: a skull-stripped scan

@@ -99,6 +99,7 @@ def test_training_resumes_from_its_checkpoint(tmp_path, template_t1_path):
         torch.testing.assert_close(resumed.state_dict[key], value)
 
 
+@pytest.mark.slow
 def test_recalibration_on_other_healthy_data_rewrites_only_the_calibration(trained_dae, tmp_path, real_t1_head_path):
     import shutil
 
@@ -169,6 +170,7 @@ def test_slices_mostly_excluded_from_the_loss_are_dropped_and_the_loss_ignores_t
     assert masked_mse(batch + weight * 0.1, batch, weight) == pytest.approx(0.01, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_fine_tuning_on_patients_starts_from_the_package_and_the_card_names_the_cases(trained_dae, patient_case,
                                                                                        template_t1_path, tmp_path):
     from NormativeAnomalyLib.training import train_model

@@ -69,6 +69,7 @@ def test_a_stripped_scan_is_scored_on_its_own_brain_unless_told_it_has_a_skull(t
     assert stripped and forced is not None and "stated skull-stripped" in name
 
 
+@pytest.mark.slow
 def test_a_head_stated_stripped_is_refused_naming_the_statement(real_t1_head_path, trained_dae):
     """A head with its skull, stated skull-stripped, is registered to the template's brain: the
     alignment check refuses it and says the statement may be why."""
@@ -80,6 +81,7 @@ def test_a_head_stated_stripped_is_refused_naming_the_statement(real_t1_head_pat
         detect_anomalies(head, resolve_model("dae-t1"), RunOptions(device="cpu", skull_stripped=True))
 
 
+@pytest.mark.slow
 def test_the_command_line_states_the_skull_and_run_json_records_it(template, trained_dae, tmp_path):
     from test_cli import assert_ok, read_json, run_cli
 

@@ -60,6 +60,7 @@ def demo_run(demo_paths, tmp_path_factory) -> Path:
 
 @pytest.mark.reliability
 @pytest.mark.parametrize("stage", ["registration", "inference", "to_input_grid"])
+@pytest.mark.slow
 def test_background_run_cancel_stops_the_child_and_leaves_no_output(demo_paths, tmp_path, stage, reliability_case):
     out = tmp_path / "out"
     run = BackgroundRun(run_command(demo_paths[0], out, model=default_model_name()))
@@ -78,6 +79,7 @@ def test_background_run_cancel_stops_the_child_and_leaves_no_output(demo_paths, 
 
 @pytest.mark.reliability
 @pytest.mark.skipif(os.name != "posix", reason="process groups and SIGTERM are POSIX")
+@pytest.mark.slow
 def test_cancel_reaches_the_interpreter_behind_a_launcher(demo_paths, tmp_path, reliability_case):
     """Slicer's PythonSlicer is a launcher that does not forward signals: Cancel must still stop the CLI."""
     out = tmp_path / "out"

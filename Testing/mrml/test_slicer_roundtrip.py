@@ -115,6 +115,7 @@ def mrml(head_run, real_t1_head_path):
 # --- (a) slicerio ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_slicerio_reads_the_cli_mask(head_run, expected_mask, real_t1_head_path):
     import slicerio
 
@@ -139,6 +140,7 @@ def test_slicerio_reads_the_cli_mask(head_run, expected_mask, real_t1_head_path)
 # --- (b) MRML segmentation storage node -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mrml_segmentation_node_holds_one_anomaly_segment(mrml):
     _, _, segmentation_node = mrml
     segmentation = segmentation_node.GetSegmentation()
@@ -148,6 +150,7 @@ def test_mrml_segmentation_node_holds_one_anomaly_segment(mrml):
     assert segmentation.ContainsRepresentation("Binary labelmap")
 
 
+@pytest.mark.slow
 def test_mrml_binary_labelmap_matches_cli_mask(mrml, expected_mask):
     """The segment's own oriented image (cropped to its extent) placed into the input's grid."""
     import slicer
@@ -170,6 +173,7 @@ def test_mrml_binary_labelmap_matches_cli_mask(mrml, expected_mask):
     assert np.array_equal(placed, expected_mask)
 
 
+@pytest.mark.slow
 def test_mrml_export_to_labelmap_on_the_input_matches_cli_mask(mrml, expected_mask):
     """What Slicer's Segmentations module does: export the segment onto the input volume's grid."""
     import slicer
@@ -187,6 +191,7 @@ def test_mrml_export_to_labelmap_on_the_input_matches_cli_mask(mrml, expected_ma
     assert np.array_equal(exported, expected_mask)
 
 
+@pytest.mark.slow
 def test_mrml_geometry_of_outputs_matches_input(head_run, real_t1_head_path):
     """The anomaly map and pseudo-healthy image, loaded as Slicer loads them, overlay the input exactly."""
     import slicer

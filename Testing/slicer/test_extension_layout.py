@@ -13,7 +13,7 @@ MODULE = REPO / "NormativeAnomaly"
 
 
 def _cmake_list(name: str) -> list[str]:
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     block = re.search(rf"set\({name}\n(.*?)\n\s*\)", text, re.S).group(1)
     return [line.strip() for line in block.splitlines() if line.strip()]
 
@@ -41,7 +41,7 @@ def test_listed_resources_exist():
 
 
 def test_module_file_defines_the_slicer_classes():
-    tree = ast.parse((MODULE / "NormativeAnomaly.py").read_text())
+    tree = ast.parse((MODULE / "NormativeAnomaly.py").read_text(encoding="utf-8"))
     classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
     assert {"NormativeAnomaly", "NormativeAnomalyWidget", "NormativeAnomalyLogic", "NormativeAnomalyTest"} <= classes
 
@@ -64,14 +64,14 @@ def test_every_widget_the_module_code_uses_is_in_the_ui():
     used = set()
     for path in _module_python_files():
         if "NormativeAnomalyLib" not in path.parts:
-            used |= set(re.findall(r"\bself\.ui\.(\w+)", path.read_text()))
+            used |= set(re.findall(r"\bself\.ui\.(\w+)", path.read_text(encoding="utf-8")))
     assert {"inputVolumeSelector", "modelSelector", "applyButton", "cancelButton", "thresholdSliderWidget"} <= names
     assert used, "the widget code uses no .ui widget"
     assert used <= names, f"used by the code but not in the .ui: {sorted(used - names)}"
 
 
 def test_every_bound_widget_has_a_parameter_node_field():
-    tree = ast.parse((MODULE / "NormativeAnomaly.py").read_text())
+    tree = ast.parse((MODULE / "NormativeAnomaly.py").read_text(encoding="utf-8"))
     wrapper = next(node for node in tree.body if isinstance(node, ast.ClassDef)
                    and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list))
     fields = {node.target.id for node in wrapper.body if isinstance(node, ast.AnnAssign)}
@@ -82,7 +82,7 @@ def test_every_bound_widget_has_a_parameter_node_field():
 
 def _imported_modules(path: Path) -> list[str]:
     names = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -120,7 +120,7 @@ def _library_import_graph() -> dict[str, set[str]]:
     for name, path in paths.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         imported = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 imported |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom):
@@ -154,7 +154,7 @@ def test_scripts_and_tests_reach_the_library_as_installed():
     """Scripts are thin wrappers of the installed package and tests import the library, not scripts:
     the only path edit is conftest's (tests run from a checkout without installing)."""
     edits = [path.relative_to(REPO).as_posix() for folder in ("scripts", "Testing") for path in (REPO / folder).rglob("*.py")
-             if re.search(r"sys\.path\.(insert|append)", path.read_text())]
+             if re.search(r"sys\.path\.(insert|append)", path.read_text(encoding="utf-8"))]
     assert edits == ["Testing/conftest.py"]
 
 
@@ -191,7 +191,7 @@ def _unguarded_imports(path: Path) -> set[str]:
     """Top-level names imported by ``path``, except those inside ``try: ... except ImportError``
     (optional: the code goes on without them)."""
     optional: set[int] = set()
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.Try) and any(
                 "ImportError" in ast.unparse(handler.type or ast.Name("BaseException")) for handler in node.handlers):
@@ -237,20 +237,20 @@ def test_slicer_requirements_ask_for_the_torch_that_monai_requires():
 
     monai_torch = next(line for line in requires("monai") if line.replace(" ", "").startswith("torch>"))
     assert torch_requirement().replace(" ", "") == monai_torch.replace(" ", "")
-    pinned_monai = next(line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("monai=="))
+    pinned_monai = next(line for line in (REPO / "requirements.txt").read_text(encoding="utf-8").splitlines() if line.startswith("monai=="))
     assert pinned_monai in requirement_lines()
 
 
 def test_contributors_are_named_alike_in_cmake_and_the_module():
     """Slicer's convention: "Firstname Lastname (Organization)"."""
-    cmake = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', (REPO / "CMakeLists.txt").read_text()).group(1)
-    module = re.search(r'^CONTRIBUTORS = "([^"]+)"', (MODULE / "NormativeAnomaly.py").read_text(), re.M).group(1)
+    cmake = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', (REPO / "CMakeLists.txt").read_text(encoding="utf-8")).group(1)
+    module = re.search(r'^CONTRIBUTORS = "([^"]+)"', (MODULE / "NormativeAnomaly.py").read_text(encoding="utf-8"), re.M).group(1)
     assert cmake == module
     assert re.fullmatch(r"[^(),]+ \([^()]+\)", module), module
 
 
 def test_module_category_is_translatable():
-    text = (MODULE / "NormativeAnomaly.py").read_text()
+    text = (MODULE / "NormativeAnomaly.py").read_text(encoding="utf-8")
     assert re.search(r'categories = \[translate\("qSlicerAbstractCoreModule", "[^"]+"\)\]', text)
 
 
@@ -291,7 +291,7 @@ def test_cmake_copies_every_resource_folder_the_code_looks_up_into_the_build_tre
 
         pytest.skip("cmake is not installed")
     looked_up = set(re.findall(r'resources_dir\(\) / "(\w+)"',
-                               (MODULE / "NormativeAnomalyLib" / "resources.py").read_text()))
+                               (MODULE / "NormativeAnomalyLib" / "resources.py").read_text(encoding="utf-8")))
     assert {"Models", "Templates", "SampleData"} <= looked_up
     looked_up.add("Licenses")  # the notices that must travel with the derived files
     destination = tmp_path / "qt-scripted-modules" / "Resources"
@@ -309,7 +309,7 @@ def test_cmake_copies_every_resource_folder_the_code_looks_up_into_the_build_tre
     assert f"copied {sum(1 for folder in looked_up for p in (REPO / 'Resources' / folder).rglob('*') if p.is_file())}" \
         in result.stdout + result.stderr
     # The module's CMakeLists copies them to the build tree's module folder, which Slicer's macro installs.
-    module_cmake = (MODULE / "CMakeLists.txt").read_text()
+    module_cmake = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     assert 'set(_module_resources "${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/Resources")' in module_cmake
     assert re.search(r'normative_anomaly_copy_folders\("\$\{CMAKE_CURRENT_SOURCE_DIR\}/\.\./Resources" "\$\{_module_resources\}"'
                      r'\s+\w+ \$\{NORMATIVE_ANOMALY_SHARED_RESOURCE_DIRS\}\)', module_cmake)
@@ -372,7 +372,7 @@ def test_the_extension_compiles_under_the_oldest_python_slicer_ships():
 
 
 def test_readme_and_module_state_the_checked_minimum_slicer():
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert f"Slicer ≥ {MINIMUM_SLICER}" in readme and "Slicer ≥ 5.6" not in readme
-    description = re.search(r'set\(EXTENSION_DESCRIPTION "([^"]+)"\)', (REPO / "CMakeLists.txt").read_text()).group(1)
+    description = re.search(r'set\(EXTENSION_DESCRIPTION "([^"]+)"\)', (REPO / "CMakeLists.txt").read_text(encoding="utf-8")).group(1)
     assert f"Slicer {MINIMUM_SLICER} or later" in description

@@ -83,6 +83,7 @@ def state(page, name: str):
     return page.evaluate(f"trame.state.get({name!r})")
 
 
+@pytest.mark.slow
 def test_demo_in_the_browser(served, tmp_path):
     url, _work = served
     with browser_page(url) as page:
@@ -184,6 +185,7 @@ def wait_for_segment_to_match(page, anomaly_map: Path, timeout_s: float = 15.0) 
         page.wait_for_timeout(200)
 
 
+@pytest.mark.slow
 def test_the_segment_follows_every_last_slider_move(served, tmp_path):
     """Slider moves that arrive while the previous step is being applied (or its table is being sent)
     must not be lost: the last value always wins."""
@@ -221,6 +223,7 @@ def test_the_segment_follows_every_last_slider_move(served, tmp_path):
         assert state(page, "min_size") > 0
 
 
+@pytest.mark.slow
 def test_switching_between_models_results(served):
     url, _work = served
     with browser_page(url) as page:  # the server keeps the first test's result: the session is the server's
@@ -236,6 +239,7 @@ def test_switching_between_models_results(served):
                                timeout=20_000)
 
 
+@pytest.mark.slow
 def test_cancel_stops_the_run_and_adds_no_result(served):
     url, work = served
     with browser_page(url) as page:

@@ -104,6 +104,7 @@ def _wait(session: AnalysisSession, timeout_s: float = 600.0):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_web_and_slicer_module_give_the_same_segmentation(files, demo_paths):
     from trame_slicer.core import SlicerApp
 
