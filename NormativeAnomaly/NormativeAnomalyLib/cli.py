@@ -16,7 +16,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
 from .errors import Cancelled, NormativeAnomalyError, one_line
-from .options import DEVICES, DIFFUSION_FLAGS, DIFFUSION_NOISE_KINDS, PRECISIONS, RunOptions
+from .options import DEVICES, DIFFUSION_FLAGS, DIFFUSION_NOISE_KINDS, PRECISIONS, RunOptions, flag_dest
 from .run_folder import EXIT_CANCELLED, EXIT_ERROR, EXIT_INTERNAL, EXIT_OK, ERROR_PREFIX, MESSAGE_PREFIX
 
 
@@ -262,7 +262,7 @@ def _run_options(args: argparse.Namespace, mask=None) -> RunOptions:
                       bias_correction=args.n4, batch_size=args.batch_size,
                       accept_poor_alignment=args.accept_poor_alignment, precision=args.precision,
                       skull_stripped=args.skull_stripped,
-                      diffusion={key: getattr(args, flag[2:].replace("-", "_")) for key, flag in DIFFUSION_FLAGS.items()})
+                      diffusion={key: getattr(args, flag_dest(flag)) for key, flag in DIFFUSION_FLAGS.items()})
 
 
 def _run_settings(args: argparse.Namespace, package, options: RunOptions, input_path: Path | None) -> dict[str, Any]:

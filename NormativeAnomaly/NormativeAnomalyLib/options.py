@@ -36,8 +36,16 @@ DIFFUSION_RANGES = {"noise_level": (1, 1000), "steps": (1, 100), "samples": (1, 
 MIN_LESION_MM3_MAX = 5000.0
 
 
-def _option(default: Any, setting: str | None, flag: str | None, changes_result: bool) -> Any:
-    return field(default=default, metadata={"setting": setting, "flag": flag, "changes_result": changes_result})
+def _option(default: Any, setting: str | None, flag: str | None, changes_result: bool,
+            flag_when_false: str | None = None) -> Any:
+    """``flag_when_false``: a yes/no/unset option's flag for no (``flag`` says yes)."""
+    return field(default=default, metadata={"setting": setting, "flag": flag, "changes_result": changes_result,
+                                            "flag_when_false": flag_when_false})
+
+
+def flag_dest(flag: str) -> str:
+    """The name argparse gives a flag's value (--diffusion-steps -> diffusion_steps), which is also its run.json key."""
+    return flag[2:].replace("-", "_")
 
 
 @dataclass
@@ -51,11 +59,12 @@ class RunOptions:
     threshold: float | None = _option(None, "threshold", "--threshold", True)  # default: calibrated at fpr
     fpr: float | None = _option(None, "fpr", "--fpr", True)  # healthy false-positive rate
     min_lesion_mm3: float | None = _option(None, "min_lesion_mm3", "--min-lesion-mm3", True)
-    bias_correction: bool | None = _option(None, "n4", "--n4", True)  # N4 (pipeline.bias_correction)
+    bias_correction: bool | None = _option(None, "n4", "--n4", True, "--no-n4")  # N4 (pipeline.bias_correction)
     # Run even when the registered input does not look like the model's template (model_space.check_alignment)
     accept_poor_alignment: bool = _option(False, "accept_poor_alignment", "--accept-poor-alignment", False)
     batch_size: int | None = _option(None, "batch_size", "--batch-size", False)  # slices per batch
-    skull_stripped: bool | None = _option(None, "skull_stripped", "--skull-stripped", True)  # None: detect
+    skull_stripped: bool | None = _option(None, "skull_stripped", "--skull-stripped", True,  # None: detect
+                                          "--with-skull")
     precision: str = _option("auto", "precision", "--precision", False)
     # Diffusion models: overrides of the card's noise_level, steps, samples, noise (None: the card's)
     diffusion: dict[str, Any] | None = _option(None, None, None, True)
@@ -72,7 +81,7 @@ class RunOptions:
             elif option.metadata["setting"] is not None:
                 settings[option.metadata["setting"]] = getattr(self, option.name)
         diffusion = self.diffusion or {}
-        settings.update({_DIFFUSION_SETTINGS[key]: diffusion.get(key) for key in DIFFUSION_FLAGS})
+        settings.update({flag_dest(flag): diffusion.get(key) for key, flag in DIFFUSION_FLAGS.items()})
         return settings
 
     def to_argv(self) -> list[str]:
@@ -82,10 +91,8 @@ class RunOptions:
             value, flag = getattr(self, option.name), option.metadata["flag"]
             if flag is None or value == option.default:
                 continue
-            if option.name == "bias_correction":
-                argv.append("--n4" if value else "--no-n4")
-            elif option.name == "skull_stripped":
-                argv.append("--skull-stripped" if value else "--with-skull")
+            if isinstance(value, bool) and option.metadata["flag_when_false"]:
+                argv.append(flag if value else option.metadata["flag_when_false"])
             elif isinstance(value, bool):
                 argv.append(flag)
             else:
@@ -96,12 +103,10 @@ class RunOptions:
         return argv
 
 
-_DIFFUSION_SETTINGS = {"noise_level": "noise_level", "steps": "diffusion_steps", "samples": "samples",
-                       "noise": "diffusion_noise"}
 # run.json settings that change a result: a batch resumed with another value refuses the finished case.
 RESULT_SETTINGS = ("model", *(option.metadata["setting"] for option in fields(RunOptions)
                               if option.metadata["changes_result"] and option.metadata["setting"]),
-                   *_DIFFUSION_SETTINGS.values())
+                   *(flag_dest(flag) for flag in DIFFUSION_FLAGS.values()))
 
 
 def checked_diffusion(overrides: dict[str, Any] | None, card: dict[str, Any] | None = None) -> dict[str, Any]:
