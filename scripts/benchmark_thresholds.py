@@ -92,7 +92,7 @@ def main() -> int:
         storage.SetFileName(str(input_path))
         assert storage.ReadData(input_volume)
         input_volume.CreateDefaultDisplayNodes()
-        outputs = RunOutputs(input_image, anomaly_map, run.calibration, run.threshold, run.min_lesion_mm3, run.model)
+        outputs = RunOutputs(input_image, anomaly_map, run.summary)
         load_ms = timed(lambda: load_run(scene, input_volume, outputs, color_logic=standalone.color_logic))
         nodes, live = load_run(scene, input_volume, outputs)
 

@@ -7,16 +7,16 @@ status 1; nothing the user had is overwritten unless ``--overwrite`` is given.
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import sys
 import threading
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
 from .errors import Cancelled, NormativeAnomalyError, one_line
-from .options import DEVICES, DIFFUSION_FLAGS, DIFFUSION_NOISE_KINDS, PRECISIONS, RunOptions, flag_dest
+from .options import DIFFUSION_FLAGS, RunOptions, finite_number, flag_dest
 from .run_folder import EXIT_CANCELLED, EXIT_ERROR, EXIT_INTERNAL, EXIT_OK, ERROR_PREFIX, MESSAGE_PREFIX
 
 
@@ -28,24 +28,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"{ERROR_PREFIX}{one_line(message)} (see {self.prog} --help)\n")
 
 
-def finite_number(text: str) -> float:
-    """A float option's value; NaN and infinities, which no setting means, are refused."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def non_negative_number(text: str) -> float:
-    value = finite_number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
-    return value
-
-
 def positive_number(text: str) -> float:
     value = finite_number(text)
     if value <= 0:
@@ -53,22 +35,48 @@ def positive_number(text: str) -> float:
     return value
 
 
-def _fraction(text: str) -> float:
-    value = finite_number(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (a fraction of healthy voxels, e.g. 0.01), "
-                                         f"got {text}")
-    return value
+def add_run_arguments(command: argparse.ArgumentParser, leave_out: Sequence[str] = ()) -> None:
+    """An argument for each RunOptions field with a flag (except those named in ``leave_out``), in
+    the fields' order, from the field's metadata: a new option needs no edit here."""
+    exclusive: dict[str, Any] = {}
+    for option in fields(RunOptions):
+        meta = option.metadata
+        if option.name in leave_out:
+            continue
+        if meta["parts"]:  # a dict option: one argument per key, in a group of their own
+            group = command.add_argument_group(meta["help"])
+            for part in meta["parts"].values():
+                group.add_argument(part["flag"], type=part["parse"], choices=part["choices"], help=part["help"])
+        elif meta["flag_when_false"]:  # yes, no or unset (None): one dest, two flags that exclude each other
+            pair = command.add_mutually_exclusive_group()
+            dest = flag_dest(meta["flag"])
+            pair.add_argument(meta["flag"], dest=dest, action="store_const", const=True, help=meta["help"])
+            pair.add_argument(meta["flag_when_false"], dest=dest, action="store_const", const=False,
+                              help=meta["help_when_false"])
+        elif meta["flag"]:
+            target = command
+            if meta["exclusive"]:  # two ways to say one thing
+                if meta["exclusive"] not in exclusive:
+                    exclusive[meta["exclusive"]] = command.add_mutually_exclusive_group()
+                target = exclusive[meta["exclusive"]]
+            if isinstance(option.default, bool):
+                target.add_argument(meta["flag"], action="store_true", help=meta["help"])
+            else:
+                target.add_argument(meta["flag"], default=option.default, type=meta["parse"], choices=meta["choices"],
+                                    help=meta["help"])
 
 
-def _positive_integer(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
+def _run_options(args: argparse.Namespace, **given: Any) -> RunOptions:
+    """The pipeline's RunOptions from the arguments ``add_run_arguments`` added (a field left out
+    keeps its default) and ``given``, the fields without a flag (brain_mask)."""
+    parsed = vars(args)
+    for option in fields(RunOptions):
+        meta = option.metadata
+        if meta["parts"]:
+            given[option.name] = {key: parsed.get(flag_dest(part["flag"])) for key, part in meta["parts"].items()}
+        elif meta["flag"] and flag_dest(meta["flag"]) in parsed:
+            given[option.name] = parsed[flag_dest(meta["flag"])]
+    return RunOptions(**given)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,41 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def add_run_options(command: argparse.ArgumentParser, one_case: bool = True) -> None:
+    def add_run_options(command: argparse.ArgumentParser, one_case: bool = True, leave_out: Sequence[str] = ()) -> None:
         command.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty)"
                              if one_case else "output folder: one folder per case and summary.csv; rerun to resume")
         command.add_argument("--model", help="a model's name (bundled or installed), or a package folder's path "
                              "(./folder, /path/to/folder); default: the default model")
-        command.add_argument("--device", default=RunOptions.device, choices=DEVICES)
-        threshold = command.add_mutually_exclusive_group()  # two ways to say one thing
-        threshold.add_argument("--threshold", type=non_negative_number,
-                               help="anomaly-map threshold (default: calibrated, see --fpr); one beyond the model's "
-                                    "calibration is moved to its nearest end, with a note")
-        threshold.add_argument("--fpr", type=_fraction, help="threshold as a healthy voxel false-positive rate, e.g. "
-                               "0.01; one beyond the model's calibration is moved to its nearest end, with a note")
-        command.add_argument("--min-lesion-mm3", type=non_negative_number,
-                             help="smallest lesion kept (default: the model's)")
-        command.add_argument("--batch-size", type=_positive_integer,
-                             help="slices per inference batch (default: the model's; on CUDA sized from free memory)")
-        command.add_argument("--precision", default=RunOptions.precision, choices=PRECISIONS,
-                             help="inference precision (auto: bf16 or fp16 on a GPU, fp32 on the CPU)")
-        n4 = command.add_mutually_exclusive_group()
-        n4.add_argument("--n4", dest="n4", action="store_const", const=True,
-                        help="N4 bias-field correction first (default: the model card's)")
-        n4.add_argument("--no-n4", dest="n4", action="store_const", const=False, help="no N4 bias-field correction")
-        skull = command.add_mutually_exclusive_group()
-        skull.add_argument("--skull-stripped", dest="skull_stripped", action="store_const", const=True,
-                           help="the input is skull-stripped: score its own brain (default: detected)")
-        skull.add_argument("--with-skull", dest="skull_stripped", action="store_const", const=False,
-                           help="the input has its skull: score the template's brain, mapped (default: detected)")
-        command.add_argument("--accept-poor-alignment", action="store_true",
-                             help="run even when the registered input does not look like the model's template "
-                                  "(correlation under the cut-off: failed registration, non-brain, other contrast)")
-        diffusion = command.add_argument_group("diffusion models (defaults: the model card's)")
-        diffusion.add_argument(DIFFUSION_FLAGS["noise_level"], type=int, help="forward steps of noise before denoising")
-        diffusion.add_argument(DIFFUSION_FLAGS["steps"], type=int, help="DDIM steps back to the image (1: one-step x0)")
-        diffusion.add_argument(DIFFUSION_FLAGS["samples"], type=int, help="reconstructions averaged; >1 writes uncertainty_map")
-        diffusion.add_argument(DIFFUSION_FLAGS["noise"], choices=DIFFUSION_NOISE_KINDS, help="kind of noise")
+        add_run_arguments(command, leave_out)
         if one_case:
             command.add_argument("--overwrite", action="store_true", help="replace outputs in a non-empty --out")
         command.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
@@ -128,17 +107,15 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="detect anomalies in one volume")
     run.add_argument("input", type=Path, help="volume file (NIfTI, NRRD, MHA...) or DICOM series folder")
     run.add_argument("--mask", type=Path, help="brain mask on the input's grid (default: the template's, mapped)")
-    run.add_argument("--registered", action="store_true", help="input is already in the model's template space")
     add_run_options(run)
 
     demo = commands.add_parser("demo", help="run on the bundled demo case with the default model")
-    add_run_options(demo)
+    add_run_options(demo, leave_out=("registered",))  # the bundled demo case is not registered
 
     batch = commands.add_parser("batch", help="run a cohort (a folder or a list of volumes); resumable; "
                                 "under torchrun the cases are shared between the workers")
     batch.add_argument("cases", type=Path, help="folder of volumes, or a list file: one path per line, or a CSV "
                        "with a 'path' column and optionally a 'case_id' column")
-    batch.add_argument("--registered", action="store_true", help="inputs are already in the model's template space")
     add_run_options(batch, one_case=False)
 
     models = commands.add_parser("models", help="list the bundled model packages")
@@ -225,7 +202,7 @@ def _run_locked(args: argparse.Namespace, input_path: Path, extra: dict[str, Any
     _check_diffusion_options(args, package)
     image = read_volume(input_path)
     mask = read_mask(args.mask, image) if getattr(args, "mask", None) else None
-    options = _run_options(args, mask)
+    options = _run_options(args, brain_mask=mask)
     progress = _Progress(enabled=not (args.quiet or args.json), lines=args.progress_lines)
     try:
         monitor = Monitor(progress=progress, cancel=_cancel_requested.is_set, on_notice=_print_notice)
@@ -253,16 +230,6 @@ def _check_diffusion_options(args: argparse.Namespace, package) -> None:
     if given and package.family != "ddpm":
         raise NormativeAnomalyError(f"{', '.join(given)}: only for diffusion models; '{package.name}' is a "
                                     f"{package.family} model")
-
-
-def _run_options(args: argparse.Namespace, mask=None) -> RunOptions:
-    """The pipeline's RunOptions from the options shared by run, demo and batch."""
-    return RunOptions(device=args.device, registered=getattr(args, "registered", False), brain_mask=mask,
-                      threshold=args.threshold, fpr=args.fpr, min_lesion_mm3=args.min_lesion_mm3,
-                      bias_correction=args.n4, batch_size=args.batch_size,
-                      accept_poor_alignment=args.accept_poor_alignment, precision=args.precision,
-                      skull_stripped=args.skull_stripped,
-                      diffusion={key: getattr(args, flag_dest(flag)) for key, flag in DIFFUSION_FLAGS.items()})
 
 
 def _run_settings(args: argparse.Namespace, package, options: RunOptions, input_path: Path | None) -> dict[str, Any]:

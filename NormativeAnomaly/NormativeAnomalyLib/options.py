@@ -2,15 +2,18 @@
 
 Torch-free: the CLI's flags, run.json's settings, batch's resume check, the child run a GUI
 starts and the Slicer and web widgets all read them here. Each ``RunOptions`` field says in
-its metadata the key it has in run.json's settings, the CLI flag that sets it and whether it
-changes the result (a batch resumed with another value is refused).
+its metadata the key it has in run.json's settings, the CLI flag that sets it (with its help,
+value check and choices, from which the CLI builds its argument) and whether it changes the
+result (a batch resumed with another value is refused).
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import numbers
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -29,18 +32,70 @@ DIFFUSION_DEFAULTS: dict[str, Any] = {
     "noise": "gaussian", "noise_level": 250, "steps": 10, "samples": 1,
 }
 DIFFUSION_NOISE_KINDS = ("gaussian", "simplex", "coarse")
-DIFFUSION_FLAGS = {"noise_level": "--noise-level", "steps": "--diffusion-steps", "samples": "--samples",
-                   "noise": "--diffusion-noise"}
 # The ranges the panels' spin boxes and sliders offer.
 DIFFUSION_RANGES = {"noise_level": (1, 1000), "steps": (1, 100), "samples": (1, 32)}
 MIN_LESION_MM3_MAX = 5000.0
 
 
-def _option(default: Any, setting: str | None, flag: str | None, changes_result: bool,
-            flag_when_false: str | None = None) -> Any:
-    """``flag_when_false``: a yes/no/unset option's flag for no (``flag`` says yes)."""
-    return field(default=default, metadata={"setting": setting, "flag": flag, "changes_result": changes_result,
-                                            "flag_when_false": flag_when_false})
+# A command-line value's check. argparse shows an ArgumentTypeError's message as it is (a ValueError
+# only as "invalid <type> value"), so the user reads what was wrong.
+def finite_number(text: str) -> float:
+    """A float option's value; NaN and infinities, which no setting means, are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    value = finite_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = finite_number(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (a fraction of healthy voxels, e.g. 0.01), "
+                                         f"got {text}")
+    return value
+
+
+def _positive_integer(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _argument(flag: str | None, help: str | None = None, parse: Callable[[str], Any] | None = None,
+              choices: Sequence[str] | None = None) -> dict[str, Any]:
+    """A CLI argument: its flag (argparse's dest is ``flag_dest(flag)``), help, ``parse`` (argparse's
+    type: the value from its text) and choices."""
+    return {"flag": flag, "help": help, "parse": parse, "choices": choices}
+
+
+def _option(default: Any, setting: str | None, flag: str | None, changes_result: bool, help: str | None = None,
+            parse: Callable[[str], Any] | None = None, choices: Sequence[str] | None = None, *,
+            flag_when_false: str | None = None, help_when_false: str | None = None, exclusive: str | None = None,
+            parts: dict[str, dict[str, Any]] | None = None) -> Any:
+    """A RunOptions field. ``setting``: its run.json key (None: not recorded); ``flag``: its CLI flag
+    (None: none), with ``help``, ``parse`` and ``choices`` (see ``_argument``); ``changes_result``: a
+    batch resumed with another value refuses the finished cases. ``flag_when_false``: a yes/no/unset
+    option's flag for no (``flag`` says yes); ``exclusive``: options naming the same group exclude each
+    other on the command line; ``parts``: a dict option's keys, each its own ``_argument`` (run.json
+    key: ``flag_dest`` of its flag), titled by ``help`` in the CLI's help."""
+    return field(default=default, metadata={
+        "setting": setting, "changes_result": changes_result, **_argument(flag, help, parse, choices),
+        "flag_when_false": flag_when_false, "help_when_false": help_when_false, "exclusive": exclusive,
+        "parts": parts or {}})
 
 
 def flag_dest(flag: str) -> str:
@@ -48,26 +103,54 @@ def flag_dest(flag: str) -> str:
     return flag[2:].replace("-", "_")
 
 
+# The diffusion settings a run may override (None: the card's), each with its CLI flag.
+DIFFUSION_ARGUMENTS = {
+    "noise_level": _argument("--noise-level", "forward steps of noise before denoising", int),
+    "steps": _argument("--diffusion-steps", "DDIM steps back to the image (1: one-step x0)", int),
+    "samples": _argument("--samples", "reconstructions averaged; >1 writes uncertainty_map", int),
+    "noise": _argument("--diffusion-noise", "kind of noise", choices=DIFFUSION_NOISE_KINDS),
+}
+DIFFUSION_FLAGS = {key: argument["flag"] for key, argument in DIFFUSION_ARGUMENTS.items()}
+_CALIBRATION_NOTE = "one beyond the model's calibration is moved to its nearest end, with a note"
+
+
 @dataclass
 class RunOptions:
     """What a run may be told beyond its input and model; None: the model card's choice."""
 
-    device: str = _option("auto", "device", "--device", False)
-    registered: bool = _option(False, "registered", "--registered", True)  # already in the template's space
+    device: str = _option("auto", "device", "--device", False, choices=DEVICES)
+    registered: bool = _option(False, "registered", "--registered", True,  # already in the template's space
+                               "input(s) already in the model's template space")
     # On the input's grid; default: the scan's own brain if skull-stripped, else the template's, mapped
     brain_mask: sitk.Image | None = _option(None, None, None, True)
-    threshold: float | None = _option(None, "threshold", "--threshold", True)  # default: calibrated at fpr
-    fpr: float | None = _option(None, "fpr", "--fpr", True)  # healthy false-positive rate
-    min_lesion_mm3: float | None = _option(None, "min_lesion_mm3", "--min-lesion-mm3", True)
-    bias_correction: bool | None = _option(None, "n4", "--n4", True, "--no-n4")  # N4 (pipeline.bias_correction)
+    threshold: float | None = _option(None, "threshold", "--threshold", True,  # default: calibrated at fpr
+                                      f"anomaly-map threshold (default: calibrated, see --fpr); {_CALIBRATION_NOTE}",
+                                      non_negative_number, exclusive="threshold")  # two ways to say one thing
+    fpr: float | None = _option(None, "fpr", "--fpr", True,  # healthy false-positive rate
+                                f"threshold as a healthy voxel false-positive rate, e.g. 0.01; {_CALIBRATION_NOTE}",
+                                _fraction, exclusive="threshold")
+    min_lesion_mm3: float | None = _option(None, "min_lesion_mm3", "--min-lesion-mm3", True,
+                                           "smallest lesion kept (default: the model's)", non_negative_number)
+    bias_correction: bool | None = _option(None, "n4", "--n4", True,  # N4 (pipeline.bias_correction)
+                                           "N4 bias-field correction first (default: the model card's)",
+                                           flag_when_false="--no-n4", help_when_false="no N4 bias-field correction")
     # Run even when the registered input does not look like the model's template (model_space.check_alignment)
-    accept_poor_alignment: bool = _option(False, "accept_poor_alignment", "--accept-poor-alignment", False)
-    batch_size: int | None = _option(None, "batch_size", "--batch-size", False)  # slices per batch
-    skull_stripped: bool | None = _option(None, "skull_stripped", "--skull-stripped", True,  # None: detect
-                                          "--with-skull")
-    precision: str = _option("auto", "precision", "--precision", False)
+    accept_poor_alignment: bool = _option(
+        False, "accept_poor_alignment", "--accept-poor-alignment", False,
+        "run even when the registered input does not look like the model's template "
+        "(correlation under the cut-off: failed registration, non-brain, other contrast)")
+    batch_size: int | None = _option(None, "batch_size", "--batch-size", False,  # slices per batch
+                                     "slices per inference batch (default: the model's; on CUDA sized from free memory)",
+                                     _positive_integer)
+    skull_stripped: bool | None = _option(  # None: detect
+        None, "skull_stripped", "--skull-stripped", True,
+        "the input is skull-stripped: score its own brain (default: detected)", flag_when_false="--with-skull",
+        help_when_false="the input has its skull: score the template's brain, mapped (default: detected)")
+    precision: str = _option("auto", "precision", "--precision", False,
+                             "inference precision (auto: bf16 or fp16 on a GPU, fp32 on the CPU)", choices=PRECISIONS)
     # Diffusion models: overrides of the card's noise_level, steps, samples, noise (None: the card's)
-    diffusion: dict[str, Any] | None = _option(None, None, None, True)
+    diffusion: dict[str, Any] | None = _option(None, None, None, True, "diffusion models (defaults: the model card's)",
+                                               parts=DIFFUSION_ARGUMENTS)
     # A registration of this input to the model's template computed before (e.g. by a run of another
     # model on the same template): reused instead of registering again
     registration: Registration | None = _option(None, None, None, False)
@@ -76,12 +159,13 @@ class RunOptions:
         """run.json's settings: what was asked (None: the card's choice), in a fixed order."""
         settings: dict[str, Any] = {"input": input_path, "model": model}
         for option in fields(self):
+            value = getattr(self, option.name)
             if option.name == "brain_mask":
                 settings["mask"] = mask_path
             elif option.metadata["setting"] is not None:
-                settings[option.metadata["setting"]] = getattr(self, option.name)
-        diffusion = self.diffusion or {}
-        settings.update({flag_dest(flag): diffusion.get(key) for key, flag in DIFFUSION_FLAGS.items()})
+                settings[option.metadata["setting"]] = value
+            settings.update({flag_dest(part["flag"]): (value or {}).get(key)
+                             for key, part in option.metadata["parts"].items()})
         return settings
 
     def to_argv(self) -> list[str]:
@@ -89,24 +173,25 @@ class RunOptions:
         argv: list[str] = []
         for option in fields(self):
             value, flag = getattr(self, option.name), option.metadata["flag"]
-            if flag is None or value == option.default:
+            if option.metadata["parts"]:
+                for key, part_value in (value or {}).items():
+                    if part_value is not None:
+                        argv += [option.metadata["parts"][key]["flag"], str(part_value)]
+            elif flag is None or value == option.default:
                 continue
-            if isinstance(value, bool) and option.metadata["flag_when_false"]:
+            elif isinstance(value, bool) and option.metadata["flag_when_false"]:
                 argv.append(flag if value else option.metadata["flag_when_false"])
             elif isinstance(value, bool):
                 argv.append(flag)
             else:
                 argv += [flag, str(value)]
-        for key, value in (self.diffusion or {}).items():
-            if value is not None:
-                argv += [DIFFUSION_FLAGS[key], str(value)]
         return argv
 
 
 # run.json settings that change a result: a batch resumed with another value refuses the finished case.
-RESULT_SETTINGS = ("model", *(option.metadata["setting"] for option in fields(RunOptions)
-                              if option.metadata["changes_result"] and option.metadata["setting"]),
-                   *(flag_dest(flag) for flag in DIFFUSION_FLAGS.values()))
+RESULT_SETTINGS = ("model", *(key for option in fields(RunOptions) if option.metadata["changes_result"]
+                              for key in ([option.metadata["setting"]] if option.metadata["setting"] else
+                                          [flag_dest(part["flag"]) for part in option.metadata["parts"].values()])))
 
 
 def checked_diffusion(overrides: dict[str, Any] | None, card: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -341,13 +341,28 @@ def read_run_summary(out_dir: str | os.PathLike) -> RunSummary:
 
 @dataclass
 class RunOutputs:
+    """A finished run as a front end loads it: the maps, and run.json's summary."""
+
     pseudo_healthy: sitk.Image  # on the input's grid
     anomaly_map: sitk.Image  # on the input's grid
-    calibration: Calibration  # healthy false-positive rate <-> threshold
-    threshold: float
-    min_lesion_mm3: float
-    model: dict[str, Any]  # MODEL_FIELDS of the card
+    summary: RunSummary
     uncertainty: sitk.Image | None = None  # variance over stochastic reconstructions (diffusion), on the input's grid
+
+    @property
+    def calibration(self) -> Calibration:  # healthy false-positive rate <-> threshold
+        return self.summary.calibration
+
+    @property
+    def threshold(self) -> float:
+        return self.summary.threshold
+
+    @property
+    def min_lesion_mm3(self) -> float:
+        return self.summary.min_lesion_mm3
+
+    @property
+    def model(self) -> dict[str, Any]:  # MODEL_FIELDS of the card
+        return self.summary.model
 
 
 def read_run_folder(out_dir: str | os.PathLike) -> RunOutputs:
@@ -355,8 +370,7 @@ def read_run_folder(out_dir: str | os.PathLike) -> RunOutputs:
     out_dir = Path(out_dir)
     summary = read_run_summary(out_dir)
     uncertainty_path = out_dir / UNCERTAINTY_MAP
-    return RunOutputs(_read_map(out_dir / PSEUDO_HEALTHY), _read_map(out_dir / ANOMALY_MAP),
-                      summary.calibration, summary.threshold, summary.min_lesion_mm3, summary.model,
+    return RunOutputs(_read_map(out_dir / PSEUDO_HEALTHY), _read_map(out_dir / ANOMALY_MAP), summary,
                       _read_map(uncertainty_path) if uncertainty_path.exists() else None)
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import slicer
 
 from NormativeAnomalyLib.models.registry import card_diffusion_settings, preselected_model
-from NormativeAnomalyLib.options import DIFFUSION_NOISE_KINDS
+from NormativeAnomalyLib.options import DIFFUSION_NOISE_KINDS, DIFFUSION_RANGES
 
 from .model_cards import cardHtml
 
@@ -91,15 +91,14 @@ class InputsPanel:
                 self._loadDiffusionSettings(parameters, settings)
 
     def _loadDiffusionSettings(self, parameters: Any, settings: dict[str, Any]) -> None:
-        """A card's settings into the parameter node, within the ranges of the spin boxes."""
-        for field, key, spinBox in (("noiseLevel", "noise_level", self.ui.noiseLevelSpinBox),
-                                    ("diffusionSteps", "steps", self.ui.diffusionStepsSpinBox),
-                                    ("samples", "samples", self.ui.samplesSpinBox)):
+        """A card's settings into the parameter node, within the ranges the spin boxes offer."""
+        for field, key in (("noiseLevel", "noise_level"), ("diffusionSteps", "steps"), ("samples", "samples")):
             try:
                 value = int(settings[key])
             except (KeyError, TypeError, ValueError):
                 continue
-            setattr(parameters, field, min(max(value, spinBox.minimum), spinBox.maximum))
+            lowest, highest = DIFFUSION_RANGES[key]
+            setattr(parameters, field, min(max(value, lowest), highest))
         if settings.get("noise") in DIFFUSION_NOISE_KINDS:
             parameters.diffusionNoise = settings["noise"]
 

@@ -8,6 +8,7 @@ from the anomaly map the CLI wrote.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -439,7 +440,7 @@ def test_layers_fade_and_switching_between_results(scene_with_result, demo_run):
     standalone, nodes, _ = scene_with_result
     scene = standalone.scene
     outputs = read_run_folder(demo_run)
-    outputs.model = dict(outputs.model, name="second-model")
+    outputs.summary = dataclasses.replace(outputs.summary, model=dict(outputs.model, name="second-model"))
     second, _ = load_run(scene, nodes.input_volume, outputs)
     assert [r.segmentation for r in find_results(scene, nodes.input_volume)] == [nodes.segmentation,
                                                                                  second.segmentation]

@@ -70,6 +70,20 @@ def test_every_widget_the_module_code_uses_is_in_the_ui():
     assert used <= names, f"used by the code but not in the .ui: {sorted(used - names)}"
 
 
+def test_a_bound_widget_takes_its_range_from_the_parameter_node_not_the_ui():
+    """A parameter with a WithinRange (from options) sets its widget's range when the GUI is connected:
+    a range written in the .ui too would be a second copy of the numbers."""
+    ranged = set(re.findall(r"^    (\w+): Annotated\[\w+, WithinRange", (MODULE / "NormativeAnomaly.py").read_text(
+        encoding="utf-8"), flags=re.MULTILINE))
+    assert {"noiseLevel", "diffusionSteps", "samples", "minLesionMm3"} <= ranged
+    document = xml.dom.minidom.parse(str(MODULE / "Resources" / "UI" / "NormativeAnomaly.ui"))
+    for widget in document.getElementsByTagName("widget"):
+        own = {prop.getAttribute("name"): prop for prop in widget.getElementsByTagName("property")
+               if prop.parentNode is widget}
+        if "SlicerParameterName" in own and own["SlicerParameterName"].getElementsByTagName("string")[0].firstChild.data in ranged:
+            assert not {"minimum", "maximum"} & set(own), f"{widget.getAttribute('name')} sets its range in the .ui"
+
+
 def test_every_bound_widget_has_a_parameter_node_field():
     tree = ast.parse((MODULE / "NormativeAnomaly.py").read_text(encoding="utf-8"))
     wrapper = next(node for node in tree.body if isinstance(node, ast.ClassDef)
