@@ -53,6 +53,8 @@ def describe_scoring(description: str, scoring: dict) -> str:
     scaled = ", divided by the scan's own median deviation" if scoring.get("scan_normalisation") == "median" else ""
     plus = (f" plus the input's own intensity (weight {scoring['input_weight']:g}, scoring.input_weight)"
             if scoring.get("input_weight") else "")
+    plus += (f" plus its structural dissimilarity (1 - SSIM, weight {scoring['ssim_weight']:g}, scoring.ssim_weight)"
+             if scoring.get("ssim_weight") else "")
     return (f"{description} Scoring: the {SIGNS[scoring['residual']]} residual{plus} as a deviation from healthy "
             f"tissue at the same template location (location-aware scoring, scoring.normative){scaled}.")
 
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scan-scale", action="store_true", help="divide by the scan's median absolute deviation")
     parser.add_argument("--input-weight", type=float,
                         help="add the input's own signed intensity, so weighted, to a signed residual (FLAIR)")
+    parser.add_argument("--ssim-weight", type=float,
+                        help="add the structural dissimilarity (1 - SSIM over several scales), so weighted")
     parser.add_argument("--default-fpr", type=float, help="the card's default healthy false-positive rate")
     parser.add_argument("--n4", choices=["on", "off", "with_skull"],
                         help="N4 bias-field correction by default (default: the card's); with_skull: scans with skull only")
@@ -132,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     scoring["scan_normalisation"] = "median" if args.scan_scale else "none"
     if args.input_weight is not None:
         scoring["input_weight"] = args.input_weight
+    if args.ssim_weight is not None:
+        scoring["ssim_weight"] = args.ssim_weight
     if args.default_fpr is not None:
         scoring["default_fpr"] = args.default_fpr
     card = {**package.card, "scoring": scoring}

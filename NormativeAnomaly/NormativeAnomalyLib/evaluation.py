@@ -94,6 +94,16 @@ def package_for(case: str, packages: list):
     raise ValueError(f"{packages[0].name} learnt from {case} and none of its folds left it out")
 
 
+# How a scan is re-acquired before it is scored, to measure other acquisitions on the same cases:
+# thick axial slices (5 mm, each the mean of five 1 mm slices), or the same voxels stored in
+# another orientation (sagittal slices first), as Slicer may load them.
+ACQUISITIONS = {
+    "as-is": None,
+    "thick-5mm": lambda image: sitk.BinShrink(image, [1, 1, 5]),
+    "sagittal-storage": lambda image: sitk.DICOMOrient(image, "ASL"),
+}
+
+
 # --- The procedure ---------------------------------------------------------------------------
 
 PAIR_PATTERNS = [(r"(.+)_image\.nii\.gz$", "{}_mask.nii.gz"), (r"(.+)_t1\.nii\.gz$", "{}_seg.nii.gz"),

@@ -6,6 +6,8 @@ intensities scaled by robust percentiles inside the brain.
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,7 +86,11 @@ def prepare_model_input(image: sitk.Image, template: Template, registration: Reg
                        inside_field)
         given = sitk.GetArrayFromImage(mask).astype(bool)
         check_mask_fits(given, template_brain, mask_name)
-        brain_overlap = 2.0 * float((given & template_brain).sum()) / max(int(given.sum() + template_brain.sum()), 1)
+        # Judged against the template's brain as the input's own slices would hold it (thick slices:
+        # a slice is brain where any part of it is), so that thick slices do not pass for a wrong shape.
+        sliced = sitk.GetArrayFromImage(_inside(brain_as_sliced(template, image, registration), inside_field))
+        sliced = sliced.astype(bool)
+        brain_overlap = 2.0 * float((given & sliced).sum()) / max(int(given.sum() + sliced.sum()), 1)
     else:
         brain_overlap = float("nan")
     brain = sitk.GetArrayFromImage(mask).astype(bool)
@@ -101,6 +107,31 @@ def prepare_model_input(image: sitk.Image, template: Template, registration: Reg
     alignment = alignment_quality(template_values, values, template_brain)
     return ModelSpaceInput(normalised, brain, scale, alignment, tissue_order(template_values, values, template_brain),
                            brain_overlap)
+
+
+def brain_as_sliced(template: Template, image: sitk.Image, registration: Registration) -> sitk.Image:
+    """The template's brain mask (template grid) as ``image``'s grid holds it: on an axis whose
+    spacing spans several template voxels (thick slices), a voxel is brain where any part of it is,
+    as the foreground of a thick skull-stripped scan is. The mask itself on a grid as fine as the
+    template's."""
+    step = min(template.image.GetSpacing())
+    # Parts per voxel: enough template-voxel-sized samples to cover it (a 5 mm slice: 3 of a 2 mm grid).
+    counts = [max(1, math.ceil(spacing / step - 0.25)) for spacing in image.GetSpacing()]
+    if max(counts) == 1:
+        return template.brain_mask
+    grid = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    grid.CopyInformation(image)
+    axes = np.array(image.GetDirection()).reshape(3, 3)
+    inverse = registration.transform.GetInverse()
+    sliced = None
+    for parts in itertools.product(*(range(n) for n in counts)):
+        # Offset to the centre of this part of the voxel, in physical units along the input's axes.
+        shift = axes @ np.array([((k + 0.5) / n - 0.5) * spacing
+                                 for k, n, spacing in zip(parts, counts, image.GetSpacing())])
+        offset = sitk.CompositeTransform([inverse, sitk.TranslationTransform(3, tuple(float(v) for v in shift))])
+        part = sitk.Resample(template.brain_mask, grid, offset, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        sliced = part if sliced is None else sitk.Or(sliced, part)
+    return to_model_space(sliced, template, registration, sitk.sitkNearestNeighbor)
 
 
 def _inside(mask: sitk.Image, inside_field: sitk.Image) -> sitk.Image:
@@ -181,18 +212,22 @@ def tissue_order(template_values: np.ndarray, input_values: np.ndarray, brain: n
 # lesions or not: real BraTS T2 scans 0.20 and above; T2 scans stored upside down or back to front,
 # FLAIR, T1 and non-brain inputs 0.14 and below. FLAIR (a template synthesised from T1 and T2, which
 # real FLAIR resembles less): real BraTS FLAIR 0.15 and above; T2, noise and a chest 0.07 and below,
-# but FLAIR stored upside down or back to front 0.11-0.21: only some are refused.
+# but FLAIR stored upside down or back to front 0.11-0.28: only some are refused (the brain overlap
+# below refuses the rest).
 ALIGNMENT_CUTOFFS = {"T1": 0.45, "T2": 0.17, "FLAIR": 0.12}
 # The correlation cannot tell FLAIR from T1 (CSF is dark on both): the order of the template's tissues
-# in the input can (model_space.tissue_order). Measured: real scans of the model's contrast T1 +0.09
-# and above, T2 +0.04 and above, FLAIR -0.05 and above; T1 and T2 scans given to the FLAIR model
-# -0.06 and below (one BraTS T1 at -0.059 passes: the margin is kept on the side of real FLAIR).
-TISSUE_ORDER_MINIMA = {"T1": 0.0, "T2": 0.0, "FLAIR": -0.06}
-# A skull-stripped scan's own brain, registered to the template's brain, overlaps it (Dice) by far
-# more than this; the brain's shape tells a scan stored upside down or back to front even where the
-# contrast cannot (FLAIR). Measured on BraTS, all three contrasts: real scans 0.915 and above, stored
-# upside down or back to front 0.893 and below.
-MIN_BRAIN_OVERLAP = 0.9
+# in the input can (model_space.tissue_order), mostly. Measured: real scans of the model's contrast T1
+# +0.09 and above, T2 +0.03 and above, FLAIR -0.05 and above at 1 mm and -0.061 in 5 mm slices; T1 and
+# T2 scans given to the FLAIR model -0.063 and below, except one BraTS T1 at -0.059 (-0.058 in 5 mm
+# slices), which passes: the margin is kept on the side of real FLAIR.
+TISSUE_ORDER_MINIMA = {"T1": 0.0, "T2": 0.0, "FLAIR": -0.07}
+# A skull-stripped scan's own brain, registered to the template's brain (as the scan's slices hold it:
+# brain_as_sliced), overlaps it (Dice) by more than this; the brain's shape tells a scan stored upside
+# down or back to front even where the contrast cannot (FLAIR). Measured on BraTS, all three contrasts:
+# real scans 0.915 and above at 1 mm, 0.917 and above in 5 mm slices; stored upside down or back to
+# front 0.893 and below at 1 mm, 0.905 and below in 5 mm slices (one T1 in 5 mm slices at 0.916, which
+# its correlation refuses).
+MIN_BRAIN_OVERLAP = 0.91
 
 
 def alignment_cutoff(modality: str) -> float:

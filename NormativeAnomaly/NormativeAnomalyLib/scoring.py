@@ -8,6 +8,7 @@ anomaly-map threshold) measured on held-out healthy scans with the same scoring,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from scipy import ndimage
@@ -16,6 +17,11 @@ from .normative import NormativeStatistics, deviation_map
 
 # Healthy false-positive rates at which calibration thresholds are stored (log-spaced).
 CALIBRATION_FPRS = tuple(float(f) for f in np.logspace(-5, np.log10(0.5), 41))
+# Gaussian windows (voxels, sigma) of the structural dissimilarity, averaged: several scales, as
+# multi-scale SSIM, so that a lesion's texture and its extent both count.
+SSIM_SIGMAS = (1.0, 2.0, 4.0)
+# SSIM's stabilising constants for intensities of range 1 (model units: brain percentiles 1-99 -> 0-1).
+SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2
 
 
 @dataclass(frozen=True)
@@ -61,12 +67,33 @@ def scoring_mask(brain_mask: np.ndarray, spacing_zyx: tuple[float, float, float]
     return distance > erosion_mm
 
 
+def structural_dissimilarity(image: np.ndarray, reconstruction: np.ndarray,
+                             sigmas: tuple[float, ...] = SSIM_SIGMAS) -> np.ndarray:
+    """1 - SSIM between image and reconstruction in Gaussian windows, averaged over ``sigmas``.
+
+    Where the intensity residual sees only how far a voxel is from its reconstruction, SSIM also
+    sees texture and local contrast the reconstruction lacks (a lesion's rim, a mass effect)."""
+    x, y = image.astype(np.float64), reconstruction.astype(np.float64)
+    total = np.zeros(x.shape)
+    for sigma in sigmas:
+        blur = partial(ndimage.gaussian_filter, sigma=sigma)
+        mean_x, mean_y = blur(x), blur(y)
+        var_x, var_y = blur(x * x) - mean_x**2, blur(y * y) - mean_y**2
+        covariance = blur(x * y) - mean_x * mean_y
+        ssim = ((2 * mean_x * mean_y + SSIM_C1) * (2 * covariance + SSIM_C2)
+                / ((mean_x**2 + mean_y**2 + SSIM_C1) * (var_x + var_y + SSIM_C2)))
+        total += 1.0 - ssim
+    return (total / len(sigmas)).astype(np.float32)
+
+
 def residual_map(image: np.ndarray, reconstruction: np.ndarray | None, settings: dict) -> np.ndarray:
     """The residual, median-filtered: what an anomaly map is made of (model-space arrays).
 
     ``input_weight`` adds the input's own intensity, signed as the residual is (bright for a
     positive residual, dark for a negative one): where lesions are brighter than any healthy
-    tissue (FLAIR), the intensity is evidence the reconstruction may have half absorbed."""
+    tissue (FLAIR), the intensity is evidence the reconstruction may have half absorbed.
+    ``ssim_weight`` adds the structural dissimilarity (``structural_dissimilarity``), for a signed
+    residual only where the input, smoothed, departs from the reconstruction in the residual's direction."""
     score = residual(image, reconstruction, settings["residual"])
     weight = float(settings.get("input_weight", 0.0))
     if weight and reconstruction is not None:
@@ -74,6 +101,14 @@ def residual_map(image: np.ndarray, reconstruction: np.ndarray | None, settings:
             raise ValueError("input_weight needs a signed residual (positive or negative): it says which way "
                              "lesions go")
         score = score + weight * (image if settings["residual"] == "positive" else -image)
+    ssim_weight = float(settings.get("ssim_weight", 0.0))
+    if ssim_weight and reconstruction is not None:
+        dissimilarity = structural_dissimilarity(image, reconstruction)
+        if settings["residual"] != "absolute":
+            departure = ndimage.gaussian_filter(image - reconstruction, 1.0)
+            toward = departure > 0 if settings["residual"] == "positive" else departure < 0
+            dissimilarity = np.where(toward, dissimilarity, 0.0)
+        score = score + ssim_weight * dissimilarity
     if settings["median_filter_voxels"] > 1:
         score = ndimage.median_filter(score, size=settings["median_filter_voxels"])
     return score.astype(np.float32)

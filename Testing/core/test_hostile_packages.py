@@ -654,6 +654,8 @@ def test_an_unreadable_card_is_refused(package_dir, reliability_case, content, m
     (lambda card: card["scoring"].update(default_fpr=float("inf")), "not a finite number", "Infinity as a setting"),
     (lambda card: card["scoring"].update(residual="absolute", input_weight=1.0), "input_weight",
      "input intensity added to an unsigned residual"),
+    (lambda card: card["scoring"].update(residual="positive", scan_normalisation="median"), "scan_normalisation",
+     "a one-signed residual divided by its median (0) with no location statistics"),
 ])
 def test_schema_violations_are_refused_with_the_field_named(package_dir, reliability_case, edit, match, case):
     edit_card(package_dir, edit)

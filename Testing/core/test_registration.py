@@ -145,21 +145,27 @@ BRATS = Path(__file__).resolve().parents[3] / "shared" / "data" / "brats-dev"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not BRATS.is_dir(), reason="the BraTS development cases (../shared/data/brats-dev) are not here")
-@pytest.mark.parametrize("case, contrast, modality, flip, passes", [
-    ("Brats18_2013_23_1", "t2", "T2", None, True),  # among the lowest T2 alignments of the ten cases
-    ("Brats18_TCIA10_639_1", "t1", "T1", None, True),
-    ("Brats18_TCIA01_201_1", "flair", "FLAIR", None, True),  # the lowest FLAIR alignment
-    ("Brats18_2013_11_1", "t2", "T2", 0, False),  # stored upside down
-    ("Brats18_2013_11_1", "flair", "T2", None, False),  # another contrast for the T2 model
-    ("Brats18_2013_23_1", "t1", "FLAIR", None, False),  # a T1 for the FLAIR model: the tissue order tells
-    ("Brats18_2013_11_1", "flair", "FLAIR", 0, False),  # upside down: the brain's shape tells
+@pytest.mark.parametrize("case, contrast, modality, flip, acquisition, passes", [
+    ("Brats18_2013_23_1", "t2", "T2", None, "as-is", True),  # among the lowest T2 alignments of the ten cases
+    ("Brats18_TCIA10_639_1", "t1", "T1", None, "as-is", True),
+    ("Brats18_TCIA01_201_1", "flair", "FLAIR", None, "as-is", True),  # the lowest FLAIR alignment
+    ("Brats18_2013_11_1", "t2", "T2", 0, "as-is", False),  # stored upside down
+    ("Brats18_2013_11_1", "flair", "T2", None, "as-is", False),  # another contrast for the T2 model
+    ("Brats18_2013_23_1", "t1", "FLAIR", None, "as-is", False),  # a T1 for the FLAIR model: the tissue order tells
+    ("Brats18_2013_11_1", "flair", "FLAIR", 0, "as-is", False),  # upside down: the brain's shape tells
+    # 5 mm slices: the lowest brain overlap and the lowest tissue order of the real FLAIR scans, and
+    # the highest overlap of a FLAIR scan stored back to front
+    ("Brats18_2013_23_1", "flair", "FLAIR", None, "thick-5mm", True),
+    ("Brats18_TCIA02_135_1", "flair", "FLAIR", None, "thick-5mm", True),
+    ("Brats18_2013_23_1", "flair", "FLAIR", 1, "thick-5mm", False),
 ])
 @pytest.mark.slow
-def test_real_scans_pass_the_alignment_check_and_failures_do_not(case, contrast, modality, flip, passes):
-    """Real skull-stripped scans with tumours are not refused; the same scans stored wrongly or of
-    another contrast are (docs/alignment.md has all of them). As a run does: a skull-stripped scan
-    is registered to the template's brain and judged on the template's brain."""
+def test_real_scans_pass_the_alignment_check_and_failures_do_not(case, contrast, modality, flip, acquisition, passes):
+    """Real skull-stripped scans with tumours, 1 mm or in 5 mm slices, are not refused; the same scans
+    stored wrongly or of another contrast are (docs/alignment.md has all of them). As a run does: a
+    skull-stripped scan is registered to the template's brain and judged on the template's brain."""
     from NormativeAnomalyLib.errors import RegistrationError
+    from NormativeAnomalyLib.evaluation import ACQUISITIONS
     from NormativeAnomalyLib.model_space import prepare_model_input
     from NormativeAnomalyLib.model_space import check_alignment
     from NormativeAnomalyLib.pipeline import RunOptions, input_brain_mask
@@ -167,6 +173,8 @@ def test_real_scans_pass_the_alignment_check_and_failures_do_not(case, contrast,
 
     template = load_template(f"icbm152_2009c_{modality.lower()}_2mm")
     image = sitk.ReadImage(str(BRATS / f"{case}_{contrast}.nii.gz"), sitk.sitkFloat32)
+    if ACQUISITIONS[acquisition] is not None:
+        image = ACQUISITIONS[acquisition](image)
     if flip is not None:
         flipped = sitk.GetImageFromArray(np.flip(sitk.GetArrayFromImage(image), axis=flip).copy())
         flipped.CopyInformation(image)
@@ -183,6 +191,36 @@ def test_real_scans_pass_the_alignment_check_and_failures_do_not(case, contrast,
     else:
         with pytest.raises(RegistrationError, match="correlates|orders its tissues|overlaps the template's brain"):
             check_alignment(*figures)
+
+
+def test_a_thick_slice_grid_holds_the_templates_brain_where_any_part_of_a_slice_is_brain(template):
+    """The brain a skull-stripped scan in thick slices is compared with: on 6 mm slices it reaches
+    further up and down than the template's (a slice is brain where any part is), and no further
+    sideways; on a grid as fine as the template's it is the template's own."""
+    from NormativeAnomalyLib.model_space import brain_as_sliced
+    from NormativeAnomalyLib.registration import identity_registration
+
+    own = sitk.GetArrayFromImage(template.brain_mask).astype(bool)
+    fine = moved_input(template, sitk.AffineTransform(3), spacing=(2.0, 2.0, 2.0))
+    assert brain_as_sliced(template, fine, identity_registration()) is template.brain_mask
+    # 6 mm slices, each over three of the template's 2 mm ones
+    thick = sitk.Image([96, 112, 32], sitk.sitkFloat32)
+    thick.SetSpacing((2.0, 2.0, 6.0))
+    thick.SetDirection(template.image.GetDirection())
+    thick.SetOrigin(template.image.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, 1.0)))
+    assert template.image.GetSize() == (96, 112, 96)
+    sliced = sitk.GetArrayFromImage(brain_as_sliced(template, thick, identity_registration())).astype(bool)
+    assert sliced[own].all()  # it holds the template's brain, and more of it:
+
+    def extent(mask: np.ndarray, axis: int) -> np.ndarray:  # first and last slice with brain along a numpy axis
+        others = tuple(a for a in range(3) if a != axis)
+        return np.flatnonzero(mask.any(axis=others))[[0, -1]]
+
+    below, above = extent(own, 0) - extent(sliced, 0)
+    assert below >= 0 and above <= 0 and below - above >= 1  # up and down (z), by parts of a slice...
+    assert sliced.sum() > 1.03 * own.sum()
+    assert (extent(sliced, 2) == extent(own, 2)).all()  # ...and not sideways (x)
+    assert (sliced.any(axis=0) == own.any(axis=0)).all()
 
 
 def test_the_tissue_order_tells_contrasts_apart_where_correlation_cannot(template):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from NormativeAnomalyLib.lesions import LesionSegmenter, segment_anomalies
-from NormativeAnomalyLib.scoring import Calibration, anomaly_map, residual, residual_map, scoring_mask
+from NormativeAnomalyLib.scoring import (Calibration, anomaly_map, residual, residual_map, scoring_mask,
+                                         structural_dissimilarity)
 
 
 def test_calibration_thresholds_give_their_false_positive_rates():
@@ -37,6 +39,25 @@ def test_input_weight_adds_the_inputs_own_signed_intensity_to_a_signed_residual(
     np.testing.assert_allclose(residual_map(image, None, settings), image, rtol=1e-6)  # intensity is the score already
     with pytest.raises(ValueError, match="signed residual"):
         residual_map(image, recon, dict(settings, residual="absolute"))
+
+
+def test_ssim_weight_adds_structure_the_reconstruction_lacks_on_the_residuals_side():
+    rng = np.random.default_rng(1)
+    reconstruction = ndimage.gaussian_filter(rng.random((24, 24, 24)), 2.0)
+    image = reconstruction.copy()
+    image[8:16, 8:16, 8:16] += 0.3 * rng.random((8, 8, 8))  # bright texture the reconstruction lacks
+    dissimilarity = structural_dissimilarity(image, reconstruction)
+    assert np.all(structural_dissimilarity(reconstruction, reconstruction) < 1e-6)
+    assert dissimilarity[12, 12, 12] > 10 * dissimilarity[2, 2, 2] >= 0
+    settings = {"residual": "positive", "median_filter_voxels": 0}
+    plain, with_ssim = residual_map(image, reconstruction, settings), residual_map(
+        image, reconstruction, dict(settings, ssim_weight=2.0))
+    assert with_ssim[12, 12, 12] > plain[12, 12, 12]
+    # A darker patch is no evidence for a bright-lesion (positive) residual: SSIM adds nothing there.
+    darker = reconstruction.copy()
+    darker[8:16, 8:16, 8:16] -= 0.3 * rng.random((8, 8, 8))
+    np.testing.assert_allclose(residual_map(darker, reconstruction, dict(settings, ssim_weight=2.0))[12, 12, 12],
+                               residual_map(darker, reconstruction, settings)[12, 12, 12], atol=1e-6)
 
 
 def test_anomaly_map_is_zero_outside_the_eroded_brain():

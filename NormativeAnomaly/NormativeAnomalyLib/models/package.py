@@ -171,6 +171,12 @@ def validate_card(card: Any, source: str = "card") -> dict[str, Any]:
         raise ModelPackageError(f"{source}: inference.diffusion.noise_level exceeds train_timesteps")
     if card["scoring"].get("input_weight") and card["scoring"]["residual"] == "absolute":
         raise ModelPackageError(f"{source}: scoring.input_weight needs a positive or negative residual")
+    scoring = card["scoring"]
+    if (scoring.get("scan_normalisation") == "median" and scoring["residual"] != "absolute"
+            and "normative" not in scoring):
+        # Most voxels of a one-signed residual are 0: its median is too, and nothing could be divided by it.
+        raise ModelPackageError(f"{source}: scoring.scan_normalisation 'median' needs an absolute residual or "
+                                "location statistics (scoring.normative)")
     fpr, threshold = card["calibration"]["fpr"], card["calibration"]["threshold"]
     if len(fpr) != len(threshold):
         raise ModelPackageError(f"{source}: calibration fpr and threshold differ in length")

@@ -1,0 +1,297 @@
+#!/usr/bin/env python3
+"""Do the published diffusion tricks help on real lesions? Samples, spread, noise levels, measured in template space.
+
+    python scripts/diffusion_tricks.py [--model ddpm-t1] [--data ../shared/data/brats-dev] [--out docs/evaluation]
+                                       [--samples 3] [--noise-levels 150 250 350] [--cases N] [--threads 1]
+                                       [--render]
+
+Each BraTS development case is registered once to the model's template as the pipeline does for a
+skull-stripped scan (affine, to the template's brain), goes into model space with its own brain mask,
+and the expert label (whole tumour, label > 0) is warped by the same transform (nearest neighbour).
+The diffusion model then reconstructs it on the CPU in fp32 (torch's seed fixed before each run; the
+diffusion noise comes from the library's own seeded generator, so every run is reproducible):
+
+- baseline: the card's diffusion settings (1 sample);
+- samples averaged: ``samples`` S reconstructions (one run, ``diffusion={"samples": S}``), the mean's residual;
+- spread-scored: the same S samples, |input - mean| divided per voxel by the samples' standard deviation
+  plus a floor (the 10th percentile of the in-brain standard deviation);
+- noise levels averaged: one reconstruction per noise level (1 sample each), averaged; the average's residual
+  (the card's own level is the baseline's reconstruction when its settings are the same). Twice: with each
+  level's noise drawn independently (each extra level seeded with its own number through the card's
+  diffusion ``seed``), and as the library does by default (every run seeded alike: the levels share one
+  noise field, only its scale differs, so their errors are correlated);
+- and, at no extra inference: the uncertainty alone (the samples' standard deviation as the map) and each
+  extra noise level alone.
+
+Every map is scored as the pipeline scores (``scoring.anomaly_map``: residual, median filter, eroded brain)
+and compared with the warped label inside the model-space brain: AUPRC and best Dice, mean over cases,
+and seconds of inference per case. Threshold-free only: the card's calibration was fitted for its own
+settings and is not refitted for these variants. Writes diffusion-tricks.md and diffusion-tricks.json
+into ``--out`` after each case (figures only, no voxels).
+
+Data: BraTS 2018 (Menze et al. 2015, Bakas et al. 2017 and 2018); see the data folder's README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from NormativeAnomalyLib.evaluation import auprc, best_dice, find_cases
+from NormativeAnomalyLib.inference import diffusion_settings, run_inference
+from NormativeAnomalyLib.model_space import prepare_model_input
+from NormativeAnomalyLib.models import resolve_model
+from NormativeAnomalyLib.progress import Monitor
+from NormativeAnomalyLib.registration import register_to_template
+from NormativeAnomalyLib.scoring import anomaly_map, scoring_mask
+from NormativeAnomalyLib.skull_stripping import brain_mask_of_stripped
+from NormativeAnomalyLib.training.scans import LESION_SUFFIX
+from NormativeAnomalyLib.volume_io import read_volume
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "brats-dev"
+CITATION = ("BraTS 2018: Menze et al., IEEE TMI 2015; Bakas et al., Scientific Data 2017; "
+            "Bakas et al., arXiv:1811.02629 (2018)")
+FLOOR_PERCENTILE = 10.0  # of the in-brain standard deviation: the spread's floor
+SEED = 0
+NAME = "diffusion-tricks"
+
+
+def case_names(folder: Path, limit: int | None) -> list[str]:
+    """The folder's BraTS cases (those with an expert label), as the library's evaluation finds them."""
+    cases = [entry["case"] for entry in find_cases(folder) if entry["mask"] is not None]
+    return cases[:limit] if limit else cases
+
+
+def variant_names(settings: dict, samples: int, levels: list[int]) -> dict[str, str]:
+    """Variant key -> its label in the table, in the table's order."""
+    names = {"baseline": f"baseline (card: noise level {settings['noise_level']}, 1 sample)",
+             "samples_mean": f"{samples} samples averaged",
+             "spread": f"{samples} samples, spread-scored",
+             "levels_mean_independent": f"noise levels {'+'.join(str(level) for level in levels)} averaged "
+                                        "(independent noise)",
+             "levels_mean": f"noise levels {'+'.join(str(level) for level in levels)} averaged (shared noise field)",
+             "uncertainty": f"uncertainty alone (std of {samples} samples)"}
+    for level in levels:
+        if level != settings["noise_level"]:
+            names[f"level_{level}"] = f"noise level {level} alone (1 sample)"
+    return names
+
+
+def with_seed(package, seed: int):
+    """The package with its card's diffusion noise seeded ``seed`` (a card field; runs cannot override it)."""
+    card = package.card
+    diffusion = {**card["inference"]["diffusion"], "seed": seed}
+    return dataclasses.replace(package, card={**card, "inference": {**card["inference"], "diffusion": diffusion}})
+
+
+def reconstruct(package, model_input, diffusion: dict | None) -> tuple:
+    """One inference run on the CPU in fp32, seeded: (Inference, seconds)."""
+    torch.manual_seed(SEED)
+    start = time.perf_counter()
+    inference = run_inference(package, model_input.image, model_input.brain_mask, torch.device("cpu"), Monitor(),
+                              None, diffusion, "fp32")
+    return inference, time.perf_counter() - start
+
+
+def evaluate_case(package, folder: Path, case: str, samples: int, levels: list[int]) -> dict:
+    """One case's maps and figures (template space)."""
+    card, template = package.card, package.template
+    scoring = card["scoring"]
+    image = read_volume(folder / f"{case}_{card['modality'].lower()}.nii.gz")
+    label = sitk.ReadImage(str(folder / f"{case}{LESION_SUFFIX}"), sitk.sitkUInt8)
+    brain = brain_mask_of_stripped(image)
+    registration = register_to_template(image, template.registration_target(True),
+                                        card["preprocessing"]["registration"])
+    model_input = prepare_model_input(image, template, registration, card["preprocessing"]["normalisation"], brain,
+                                      False, "the scan's own brain")
+    truth = sitk.GetArrayFromImage(sitk.Resample(label, template.image, registration.transform,
+                                                 sitk.sitkNearestNeighbor)) > 0
+    inside = model_input.brain_mask
+    x = model_input.image
+    spacing_zyx = tuple(reversed(template.image.GetSpacing()))
+
+    def score(reconstruction, image_=x, settings=scoring):
+        return anomaly_map(image_, reconstruction, inside, spacing_zyx, settings, None)
+
+    baseline_settings = diffusion_settings(package, None)
+    seconds: dict[str, float] = {}
+    maps: dict[str, np.ndarray] = {}
+
+    base, seconds["baseline"] = reconstruct(package, model_input, None)
+    maps["baseline"] = score(base.reconstruction)
+
+    several, seconds[f"{samples}_samples"] = reconstruct(package, model_input, {"samples": samples})
+    maps["samples_mean"] = score(several.reconstruction)
+    std = np.sqrt(np.maximum(several.variance, 0.0))
+    floor = max(float(np.percentile(std[inside], FLOOR_PERCENTILE)), 1e-6)
+    spread = std + floor
+    # |x/s - m/s| = |x - m| / s (s > 0): the card's residual of the spread-scaled inputs, then its median
+    # filter and eroded brain, exactly as anomaly_map scores a plain residual.
+    maps["spread"] = score(several.reconstruction / spread, x / spread)
+    # The uncertainty map as the score: no reconstruction means the "image" itself is scored.
+    maps["uncertainty"] = score(None, std, {**scoring, "residual": "absolute"})
+
+    by_level, independent = {}, {}
+    for level in levels:
+        if diffusion_settings(package, {"noise_level": level}) == baseline_settings:
+            # the same settings, seed and noise: the baseline's run
+            by_level[level] = independent[level] = base.reconstruction
+            continue
+        run, seconds[f"level_{level}"] = reconstruct(package, model_input, {"noise_level": level})
+        by_level[level] = run.reconstruction
+        maps[f"level_{level}"] = score(run.reconstruction)
+        run, seconds[f"level_{level}_seed_{level}"] = reconstruct(with_seed(package, level), model_input,
+                                                                   {"noise_level": level})
+        independent[level] = run.reconstruction
+    maps["levels_mean"] = score(np.mean([by_level[level] for level in levels], axis=0))
+    maps["levels_mean_independent"] = score(np.mean([independent[level] for level in levels], axis=0))
+
+    inference_seconds = {"baseline": seconds["baseline"], "samples_mean": seconds[f"{samples}_samples"],
+                         "spread": seconds[f"{samples}_samples"], "uncertainty": seconds[f"{samples}_samples"],
+                         # the card's own level is the baseline's run: its seconds count once more here
+                         "levels_mean": sum(seconds.get(f"level_{level}", seconds["baseline"]) for level in levels),
+                         "levels_mean_independent": sum(seconds.get(f"level_{level}_seed_{level}", seconds["baseline"])
+                                                        for level in levels)}
+    for level in levels:
+        if f"level_{level}" in seconds:
+            inference_seconds[f"level_{level}"] = seconds[f"level_{level}"]
+    scored = scoring_mask(inside, spacing_zyx, scoring["mask_erosion_mm"])
+    healthy = scored & ~truth
+    variants = {key: {"auprc": auprc(value[inside], truth[inside]),
+                      "best_dice": best_dice(value[inside], truth[inside])[0],
+                      "inference_seconds": inference_seconds[key]} for key, value in maps.items()}
+    return {"case": case, "tumour_ml": float(truth.sum() * np.prod(spacing_zyx) / 1000),
+            "alignment": model_input.alignment, "registration_seconds": registration.seconds,
+            "std_floor": floor, "std_tumour": float(std[scored & truth].mean()) if (scored & truth).any() else None,
+            "std_healthy": float(std[healthy].mean()), "run_seconds": seconds, "variants": variants}
+
+
+def summarise(rows: list[dict], names: dict[str, str]) -> dict:
+    """Per variant, means over cases."""
+    return {key: {measure: float(np.nanmean([row["variants"][key][measure] for row in rows]))
+                  for measure in ("auprc", "best_dice", "inference_seconds")} for key in names}
+
+
+def table(result: dict) -> str:
+    lines = ["| Variant | AUPRC | Best Dice | Inference s / case |", "|---|---|---|---|"]
+    for key, name in result["variants"].items():
+        m = result["means"][key]
+        lines.append(f"| {name} | {m['auprc']:.3f} | {m['best_dice']:.3f} | {m['inference_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    settings, samples, levels = result["card_diffusion"], result["samples"], result["noise_levels"]
+    rows = result["per_case"]
+    spread_ratio = np.nanmean([row["std_tumour"] / row["std_healthy"] for row in rows
+                               if row["std_tumour"] is not None])
+    wins = {key: sum(row["variants"][key]["auprc"] > row["variants"]["baseline"]["auprc"] for row in rows)
+            for key in result["variants"] if key != "baseline"}
+    win_line = "; ".join(f"{result['variants'][key]} {count}/{len(rows)}" for key, count in wins.items())
+    return f"""# Diffusion tricks on real lesions: samples, spread, noise levels
+
+Generated by `scripts/diffusion_tricks.py`; do not edit by hand.
+
+Model `{result['model']}` ({settings['noise']} noise to step {settings['noise_level']} of
+{settings['train_timesteps']}, {settings['steps']} DDIM steps back, {settings['samples']} sample by its card),
+on {len(rows)} BraTS development case{'s' if len(rows) != 1 else ''} (T1, whole tumour). Each case is registered once to the template as
+the pipeline does for a skull-stripped scan (affine, to the template's brain), brought into model space with
+its own brain mask, and its expert label warped by the same transform (nearest neighbour). Inference on
+the CPU in fp32; torch's seed is fixed before each run and the diffusion noise comes from the library's own
+generator, seeded {SEED}, so every figure here is reproducible. The variants:
+
+- **Baseline**: the card's settings, one reconstruction.
+- **{samples} samples averaged**: one run with `samples: {samples}`; the map is the card's residual of the
+  mean reconstruction.
+- **Spread-scored**: the same {samples} samples; per voxel |input - mean| / (s + f), s the samples' standard
+  deviation (square root of the library's variance), f its {FLOOR_PERCENTILE:g}th percentile over the model-space
+  brain (so flat areas do not blow up). Computed as `scoring.anomaly_map(input / (s + f), mean / (s + f), ...)`:
+  the same residual, {result['scoring']['median_filter_voxels']}-voxel median filter and brain eroded by
+  {result['scoring']['mask_erosion_mm']:g} mm as every other map.
+- **Noise levels averaged**: one reconstruction at each of noise levels {', '.join(map(str, levels))} (1 sample
+  each; the level {settings['noise_level']} one is the baseline's own run, same settings), averaged; the
+  residual of the average. Twice: with **independent noise** (each other level's noise generator seeded with
+  the level's number, through a copy of the card with its diffusion `seed` set: a run cannot override it),
+  and with the **shared noise field** every run gets by default (the library seeds each run's generator
+  {SEED}, so the levels draw the same noise, only scaled differently, and their errors are correlated).
+- Extras at no further inference: the **uncertainty alone** (s, median-filtered and masked, as the map) and
+  each extra **noise level alone** (default seed).
+
+AUPRC and best Dice (its threshold chosen with the label: an upper bound) of each map against the warped
+label inside the model-space brain, mean over cases; inference seconds per case on {result['threads']} torch
+thread(s) of a 2-core machine shared with other work (for the levels' averages, the sum of their runs). Threshold-free only: the card's calibration
+was fitted for its own settings and is not refitted for these variants, so none of them can yet be run
+at a stated false-positive rate.
+
+{table(result)}
+
+Cases where a variant's AUPRC beats the baseline's: {win_line}. The samples' standard deviation is
+{spread_ratio:.2f} times as high in the tumour as in the healthy scored brain (mean of per-case ratios).
+The baseline and each noise level alone are one draw of the noise each: part of a small difference from
+them is the draw, not the trick.
+
+Data: {CITATION}. No voxels of the cases are stored here; per-case figures are in `{NAME}.json`.
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ddpm-t1", help="a diffusion model package")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "evaluation")
+    parser.add_argument("--samples", type=int, default=3, help="reconstructions averaged (at least 2)")
+    parser.add_argument("--noise-levels", nargs="+", type=int, default=[150, 250, 350],
+                        help="noise levels averaged, 1 sample each")
+    parser.add_argument("--cases", type=int, default=None, help="only the first N cases")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--render", action="store_true", help=f"only rewrite {NAME}.md from {NAME}.json")
+    args = parser.parse_args()
+    if args.render:
+        saved = json.loads((args.out / f"{NAME}.json").read_text())
+        (args.out / f"{NAME}.md").write_text(markdown(saved))
+        print(table(saved))
+        return
+    if args.samples < 2:
+        parser.error("--samples must be at least 2 (a spread needs several samples)")
+    package = resolve_model(args.model)
+    if package.family != "ddpm":
+        parser.error(f"{args.model} is not a diffusion model")
+    scoring = package.card["scoring"]
+    if scoring.get("input_weight") or scoring.get("ssim_weight"):
+        parser.error("spread scoring rescales the residual's inputs: a card with input_weight or ssim_weight "
+                     "would mix scaled intensities in")
+    torch.set_num_threads(args.threads)
+    cases = case_names(args.data, args.cases)
+    if not cases:
+        raise SystemExit(f"no BraTS cases in {args.data}")
+    settings = diffusion_settings(package)
+    names = variant_names(settings, args.samples, args.noise_levels)
+    rows: list[dict] = []
+    for case in cases:
+        row = evaluate_case(package, args.data, case, args.samples, args.noise_levels)
+        rows.append(row)
+        print(f"{case}: " + ", ".join(f"{key} {v['auprc']:.3f}/{v['best_dice']:.3f}"
+                                      for key, v in row["variants"].items())
+              + " (AUPRC/best Dice); runs " + ", ".join(f"{k} {s:.0f} s" for k, s in row["run_seconds"].items()),
+              flush=True)
+        result = {"model": package.name, "card_diffusion": settings, "scoring": scoring, "samples": args.samples,
+                  "noise_levels": args.noise_levels, "std_floor_percentile": FLOOR_PERCENTILE, "seed": SEED,
+                  "threads": args.threads, "citation": CITATION, "cases": [r["case"] for r in rows],
+                  "variants": names, "means": summarise(rows, names), "per_case": rows}
+        # Written after each case, so a long run keeps what it has measured.
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{NAME}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / f"{NAME}.md").write_text(markdown(result))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
