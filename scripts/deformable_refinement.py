@@ -38,7 +38,7 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from NormativeAnomalyLib.evaluation import auprc, best_dice, find_cases
+from NormativeAnomalyLib.evaluation import auprc, best_dice, lesion_cases
 from NormativeAnomalyLib.inference import run_inference
 from NormativeAnomalyLib.model_space import prepare_model_input
 from NormativeAnomalyLib.models import resolve_model
@@ -57,12 +57,6 @@ CITATION = ("BraTS 2018: Menze et al., IEEE TMI 2015; Bakas et al., Scientific D
 HEALTHY_MARGIN_MM = 10.0
 MEASURES = ["auprc", "best_dice", "alignment", "tumour_volume_ratio", "warp_mm", "healthy_abs_residual",
             "healthy_residual", "healthy_map_mean", "registration_seconds"]
-
-
-def case_names(folder: Path, limit: int | None) -> list[str]:
-    """The folder's BraTS cases (those with an expert label), as the library's evaluation finds them."""
-    cases = [entry["case"] for entry in find_cases(folder) if entry["mask"] is not None]
-    return cases[:limit] if limit else cases
 
 
 def measure(package, image: sitk.Image, label: sitk.Image, brain: sitk.Image, registration: Registration) -> dict:
@@ -196,7 +190,7 @@ def main() -> None:
         print(table(saved["results"]))
         return
     torch.set_num_threads(1)  # the registration runs on one thread too; leave the other core to other work
-    cases = case_names(args.data, args.cases)
+    cases = lesion_cases(args.data, args.cases)
     if not cases:
         raise SystemExit(f"no BraTS cases in {args.data}")
     results = {}

@@ -44,7 +44,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from NormativeAnomalyLib.evaluation import auprc, best_dice, find_cases
+from NormativeAnomalyLib.evaluation import auprc, best_dice, lesion_cases
 from NormativeAnomalyLib.inference import diffusion_settings, run_inference
 from NormativeAnomalyLib.model_space import prepare_model_input
 from NormativeAnomalyLib.models import resolve_model
@@ -62,12 +62,6 @@ CITATION = ("BraTS 2018: Menze et al., IEEE TMI 2015; Bakas et al., Scientific D
 FLOOR_PERCENTILE = 10.0  # of the in-brain standard deviation: the spread's floor
 SEED = 0
 NAME = "diffusion-tricks"
-
-
-def case_names(folder: Path, limit: int | None) -> list[str]:
-    """The folder's BraTS cases (those with an expert label), as the library's evaluation finds them."""
-    cases = [entry["case"] for entry in find_cases(folder) if entry["mask"] is not None]
-    return cases[:limit] if limit else cases
 
 
 def variant_names(settings: dict, samples: int, levels: list[int]) -> dict[str, str]:
@@ -269,7 +263,7 @@ def main() -> None:
         parser.error("spread scoring rescales the residual's inputs: a card with input_weight or ssim_weight "
                      "would mix scaled intensities in")
     torch.set_num_threads(args.threads)
-    cases = case_names(args.data, args.cases)
+    cases = lesion_cases(args.data, args.cases)
     if not cases:
         raise SystemExit(f"no BraTS cases in {args.data}")
     settings = diffusion_settings(package)

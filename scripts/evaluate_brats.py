@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from NormativeAnomalyLib.evaluation import ACQUISITIONS, auprc, best_dice, dice, package_for
+from NormativeAnomalyLib.evaluation import ACQUISITIONS, auprc, best_dice, dice, lesion_cases, package_for
 from NormativeAnomalyLib.models import available_models, resolve_model
 from NormativeAnomalyLib.errors import ModelPackageError, RegistrationError
 from NormativeAnomalyLib.model_space import alignment_cutoff, check_alignment
@@ -86,11 +86,6 @@ class ModelScore:
         values = [getattr(case, name) for case in self.cases]
         values = [v for v in values if np.isfinite(v)]
         return float(np.mean(values)) if values else float("nan")
-
-
-def find_cases(folder: Path, limit: int | None = None) -> list[str]:
-    cases = sorted(p.name[:-len(LESION_SUFFIX)] for p in folder.glob(f"*{LESION_SUFFIX}"))
-    return cases[:limit] if limit else cases
 
 
 def load_case(folder: Path, case: str, contrast: str) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
@@ -372,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skull", choices=["detect", "stripped", "template"], default="detect",
                         help="brain scored: detected as a run does (default), the scan's own, or the template's")
     args = parser.parse_args(argv)
-    cases = find_cases(args.data, args.cases)
+    cases = lesion_cases(args.data, args.cases)
     if not cases:
         raise SystemExit(f"no BraTS cases (*{LESION_SUFFIX}) in {args.data}")
     keep: dict = {contrast: args.figure_case or cases[0] for contrast in args.contrasts}

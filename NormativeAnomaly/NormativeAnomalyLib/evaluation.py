@@ -129,6 +129,13 @@ def find_cases(folder: Path) -> list[dict]:
     return cases
 
 
+def lesion_cases(folder: Path, limit: int | None = None) -> list[str]:
+    """The names of a folder's cases that have a lesion label (``find_cases``), sorted; the first
+    ``limit`` only, for a quick look."""
+    cases = [entry["case"] for entry in find_cases(folder) if entry["mask"] is not None]
+    return cases[:limit] if limit else cases
+
+
 class Registrations:
     """Each case registered once per (template, kind) and reused by every model: the models are
     then compared on identical inputs, and the evaluation takes a fraction of the time."""
