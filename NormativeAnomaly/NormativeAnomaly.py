@@ -1,3 +1,4 @@
+import dataclasses
 import logging
 from typing import Annotated, Any, Optional
 
@@ -222,30 +223,22 @@ class NormativeAnomalyLogic(ScriptedLoadableModuleLogic):
         models = self.availableModels()
         return models[0]["name"] if models else None
 
-    def startRun(self, inputVolume: vtkMRMLScalarVolumeNode, modelName: str, device: str = "auto",
-                 alreadyInTemplateSpace: bool = False, brainMask: Optional[vtkMRMLLabelMapVolumeNode] = None,
-                 diffusion: Optional[dict[str, Any]] = None, acceptPoorAlignment: bool = False,
-                 skull: str = "detect"):
+    def startRun(self, inputVolume: vtkMRMLScalarVolumeNode, modelName: str, options: Optional[RunOptions] = None,
+                 brainMask: Optional[vtkMRMLLabelMapVolumeNode] = None):
         """Start the analysis in the background; returns a RunHandle to poll, finish or cancel.
 
-        ``diffusion`` overrides a diffusion model's card settings for this run: any of noise_level,
-        steps, samples (more than 1 also gives an uncertainty map) and noise ("gaussian", "simplex" or "coarse").
-        It is only passed on for diffusion models (ignored, with a warning, for a registered model of
-        another family; a model given by folder is left to the command-line tool to judge).
-        ``acceptPoorAlignment`` runs even when the registered input does not look like the template.
-        ``skull``: "detect", "skull-stripped" (scored on its own brain) or "with skull"."""
+        ``options``: what the run is told beyond its input and model (NormativeAnomalyLib.options.RunOptions;
+        the panel's come from options_from_panel). Its ``diffusion`` overrides (noise_level, steps, samples,
+        noise) are passed on for diffusion models only: ignored, with a warning, for a registered model of
+        another family (a model given by folder is left to the command-line tool to judge)."""
         from NormativeAnomalyLib.mrml import run_controller
         from NormativeAnomalyLib.models.registry import card_diffusion_settings, is_diffusion_model
 
-        if skull not in SKULL_CHOICES:
-            raise ValueError(_("Unknown skull setting {skull!r}: one of {choices}.").format(
-                skull=skull, choices=", ".join(SKULL_CHOICES)))
+        options = options or RunOptions()
         card = self.modelCard(modelName)
-        if diffusion and card is not None and not is_diffusion_model(card):
+        if options.diffusion and card is not None and not is_diffusion_model(card):
             logging.warning(f"NormativeAnomaly: {modelName} is not a diffusion model: diffusion settings ignored")
-            diffusion = None
-        options = RunOptions(device=device, registered=alreadyInTemplateSpace, diffusion=diffusion,
-                             accept_poor_alignment=acceptPoorAlignment, skull_stripped=SKULL_CHOICES[skull])
+            options = dataclasses.replace(options, diffusion=None)
         return run_controller.start_run(inputVolume, modelName, options, brainMask, slicer.app.temporaryPath,
                                         diffusion_card=card_diffusion_settings(card))
 

@@ -6,6 +6,7 @@ inputs that should not (non-brain, noise, a label map, scans stored upside down 
 other contrasts).
 
     python scripts/alignment_cutoff.py [--out docs/alignment.md] [--brats ../shared/data/brats-dev]
+                                    [--contrasts T1 T2 FLAIR] [--render]
 
 Each input goes through what a run does first (skull detection, registration to the template or,
 for a skull-stripped input, to its brain, the model-space steps). Uses data/raw (scripts/fetch_data.py) and the BraTS development cases where present, and the files
@@ -16,6 +17,7 @@ shipped in the repository. Prints one row per input and whether the shipped cut-
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 from NormativeAnomalyLib.errors import NormativeAnomalyError, RegistrationError
 from NormativeAnomalyLib.evaluation import ACQUISITIONS
-from NormativeAnomalyLib.model_space import (MIN_BRAIN_OVERLAP, TISSUE_ORDER_MINIMA,
+from NormativeAnomalyLib.model_space import (MIN_BRAIN_OVERLAP, TISSUE_BAND_EROSION, TISSUE_ORDER_MINIMA,
                                              alignment_cutoff, check_alignment, prepare_model_input)
 from NormativeAnomalyLib.pipeline import RunOptions, input_brain_mask
 from NormativeAnomalyLib.registration import register_to_template
@@ -115,63 +117,107 @@ def other_contrast_cases(*templates) -> list[tuple[str, str, sitk.Image]]:
             + [("chest-CT-like phantom", "refuse", chest_phantom()), ("uniform noise", "refuse", _noise())])
 
 
-def measure(template, modality: str, inputs: list[tuple[str, str, sitk.Image]]) -> tuple[list[str], int]:
-    rows, wrong = [], 0
+def measure(template, modality: str, inputs: list[tuple[str, str, sitk.Image]]) -> list[dict]:
+    """Each input as a run first meets it: its figures, or why it was refused before the check."""
+    measured = []
     for name, expected, image in inputs:
         try:  # what a run does first: the input checks, registration, model space
             validate_volume(image)
             brain_mask, mask_name, stripped = input_brain_mask(image, RunOptions())
             registration = register_to_template(image, template.registration_target(stripped))
-            prepared = prepare_model_input(image, template, registration, NORMALISATION, brain_mask, False, mask_name)
-            alignment, order, overlap = prepared.alignment, prepared.tissue_order, prepared.brain_overlap
-            note = "(skull-stripped) " if stripped else ""
+            prepared = prepare_model_input(image, template, registration, NORMALISATION, brain_mask, False, mask_name,
+                                           modality)
+            figures = {"alignment": prepared.alignment, "tissue_order": prepared.tissue_order,
+                       "brain_overlap": prepared.brain_overlap, "skull_stripped": stripped}
         except NormativeAnomalyError as error:  # refused before the alignment check
-            alignment = order = overlap = float("nan")
-            note = f"(refused before the check: {error})"
-        try:
-            check_alignment(alignment, modality, order, overlap)
-            passed = bool(alignment == alignment)  # NaN: refused before the check
-        except RegistrationError:
-            passed = False
-        verdict = "ok" if passed == (expected == "pass") else "WRONG"
-        wrong += verdict == "WRONG"
-        rows.append(f"| {modality} | {name} | {expected} | {alignment:+.3f} | {order:+.3f} | {overlap:.3f} | "
-                    f"{'passes' if passed else 'refused'} | "
-                    f"{verdict} {note}|")
-        print(rows[-1], flush=True)
-    return rows, wrong
+            figures = {"refused_before": str(error)}
+        measured.append({"modality": modality, "input": name, "should": expected, **figures})
+        print(row(measured[-1]), flush=True)
+    return measured
+
+
+def passes(measured: dict) -> bool:
+    """Whether the shipped cut-offs let this input through."""
+    if "refused_before" in measured:
+        return False
+    try:
+        check_alignment(measured["alignment"], measured["modality"], measured["tissue_order"],
+                        measured["brain_overlap"])
+        return True
+    except RegistrationError:
+        return False
+
+
+def right(measured: dict) -> bool:
+    return passes(measured) == (measured["should"] == "pass")
+
+
+def row(measured: dict) -> str:
+    nan = float("nan")
+    alignment, order, overlap = (measured.get(key, nan) for key in ("alignment", "tissue_order", "brain_overlap"))
+    if "refused_before" in measured:
+        note = f"(refused before the check: {measured['refused_before']})"
+    else:
+        note = "(skull-stripped) " if measured["skull_stripped"] else ""
+    return (f"| {measured['modality']} | {measured['input']} | {measured['should']} | {alignment:+.3f} | {order:+.3f} | "
+            f"{overlap:.3f} | {'passes' if passes(measured) else 'refused'} | {'ok' if right(measured) else 'WRONG'} "
+            f"{note}|")
+
+
+def markdown(measured: list[dict]) -> str:
+    table = ["| template | input | should | correlation | tissue order | brain overlap | at its cut-offs | |",
+             "|---|---|---|---|---|---|---|---|"] + [row(m) for m in measured]
+    cutoffs = ", ".join(f"{m} {alignment_cutoff(m)}" for m in ("T1", "T2", "FLAIR"))
+    return ("# Alignment check: measured correlations\n\nMade by `scripts/alignment_cutoff.py`. Correlation of the "
+            "registered input with the model's template (ICBM 2009c T1 or T2, or the FLAIR-like template synthesised from them) over its brain; cut-offs per contrast: "
+            f"{cutoffs}; and the order of the template's tissues in the input (`model_space.tissue_order`, its bands "
+            f"eroded by {', '.join(f'{m} {v} voxel(s)' for m, v in TISSUE_BAND_EROSION.items())}, others not; minima "
+            f"{', '.join(f'{m} {v}' for m, v in TISSUE_ORDER_MINIMA.items())}); for a skull-stripped input, the "
+            f"Dice of its own brain, registered, with the template's (at least {MIN_BRAIN_OVERLAP}). BraTS rows: real pre-operative gliomas from the BraTS 2018 development cases (Menze et al. "
+            "2015; Bakas et al. 2017, 2018), skull-stripped; \"5 mm slices\": re-acquired as 5 mm axial slices, "
+            "each the mean of five 1 mm ones (`evaluation.ACQUISITIONS`), where a skull-stripped scan's brain is "
+            "compared with the template's brain as such slices hold it (`model_space.brain_as_sliced`).\n\n"
+            + "\n".join(table) + "\n")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="also write the table as Markdown here")
+    parser.add_argument("--out", type=Path, help="also write the table as Markdown here, and its figures as .json beside it")
+    parser.add_argument("--render", action="store_true",
+                        help="no registration: re-apply the shipped cut-offs to the figures in --out's .json")
+    parser.add_argument("--contrasts", nargs="+", choices=("T1", "T2", "FLAIR"), default=["T1", "T2", "FLAIR"],
+                        help="measure only these templates' rows; the others are kept from --out's .json")
     parser.add_argument("--brats", type=Path, default=REPO.parent / "shared" / "data" / "brats-dev",
                         help="BraTS cases (FLAIR, T1, T2, seg) for real scans with tumours, where present")
     args = parser.parse_args()
     t1, t2 = load_template("icbm152_2009c_t1_2mm"), load_template("icbm152_2009c_t2_2mm")
     flair = load_template("icbm152_2009c_flair_2mm")
-    brats = args.brats.is_dir()
-    rows, wrong = [], 0
-    for template, modality, inputs in [
-            (t1, "T1", cases(t1) + (brats_cases(args.brats, "T1") if brats else [])),
-            (t2, "T2", (brats_cases(args.brats, "T2") if brats else []) + other_contrast_cases(t1)),
-            (flair, "FLAIR", (brats_cases(args.brats, "FLAIR") if brats else []) + other_contrast_cases(t1, t2))]:
-        measured, mistakes = measure(template, modality, inputs)
-        rows, wrong = rows + measured, wrong + mistakes
-    table = ["| template | input | should | correlation | tissue order | brain overlap | at its cut-offs | |",
-             "|---|---|---|---|---|---|---|---|"] + rows
+    figures = args.out.with_suffix(".json") if args.out else None
+    if args.render:  # the cut-offs re-applied to the figures measured before
+        if figures is None or not figures.is_file():
+            parser.error("--render needs --out, with the .json beside it that a measuring run wrote")
+        measured = json.loads(figures.read_text())
+    else:
+        t1, t2 = load_template("icbm152_2009c_t1_2mm"), load_template("icbm152_2009c_t2_2mm")
+        flair = load_template("icbm152_2009c_flair_2mm")
+        brats = args.brats.is_dir()
+        kept = json.loads(figures.read_text()) if figures and figures.is_file() else []
+        measured = []
+        for template, modality, inputs in [
+                (t1, "T1", lambda: cases(t1) + (brats_cases(args.brats, "T1") if brats else [])),
+                (t2, "T2", lambda: (brats_cases(args.brats, "T2") if brats else []) + other_contrast_cases(t1)),
+                (flair, "FLAIR",
+                 lambda: (brats_cases(args.brats, "FLAIR") if brats else []) + other_contrast_cases(t1, t2))]:
+            if modality in args.contrasts:
+                measured += measure(template, modality, inputs())
+            else:
+                measured += [row for row in kept if row["modality"] == modality]
+        if figures:
+            figures.write_text(json.dumps(measured, indent=1) + "\n")
     if args.out:
-        cutoffs = ", ".join(f"{m} {alignment_cutoff(m)}" for m in ("T1", "T2", "FLAIR"))
-        args.out.write_text(
-            "# Alignment check: measured correlations\n\nMade by `scripts/alignment_cutoff.py`. Correlation of the "
-            "registered input with the model's template (ICBM 2009c T1 or T2, or the FLAIR-like template synthesised from them) over its brain; cut-offs per contrast: "
-            f"{cutoffs}; and the order of the template's tissues in the input (`model_space.tissue_order`; minima "
-            f"{', '.join(f'{m} {v}' for m, v in TISSUE_ORDER_MINIMA.items())}); for a skull-stripped input, the "
-            f"Dice of its own brain, registered, with the template's (at least {MIN_BRAIN_OVERLAP}). BraTS rows: real pre-operative gliomas from the BraTS 2018 development cases (Menze et al. "
-            "2015; Bakas et al. 2017, 2018), skull-stripped; \"5 mm slices\": re-acquired as 5 mm axial slices, "
-            "each the mean of five 1 mm ones (`evaluation.ACQUISITIONS`), where a skull-stripped scan's brain is "
-            "compared with the template's brain as such slices hold it (`model_space.brain_as_sliced`).\n\n" + "\n".join(table) + "\n")
-    print(f"{len(rows) - wrong} of {len(rows)} inputs on the right side of their cut-off (or refused before it)")
+        args.out.write_text(markdown(measured))
+    wrong = sum(not right(m) for m in measured)
+    print(f"{len(measured) - wrong} of {len(measured)} inputs on the right side of their cut-off (or refused before it)")
     return 1 if wrong else 0
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Do the published diffusion tricks help on real lesions? Samples, spread, noise levels, measured in template space.
+"""Do the published diffusion tricks help on real lesions? Samples, spread, noise levels, THOR harmonisation
+and pDDPM-style patches, measured in template space.
 
     python scripts/diffusion_tricks.py [--model ddpm-t1] [--data ../shared/data/brats-dev] [--out docs/evaluation]
                                        [--samples 3] [--noise-levels 150 250 350] [--cases N] [--threads 1]
-                                       [--render]
+                                       [--render] [--reuse]
 
 Each BraTS development case is registered once to the model's template as the pipeline does for a
 skull-stripped scan (affine, to the template's brain), goes into model space with its own brain mask,
@@ -20,6 +21,10 @@ diffusion noise comes from the library's own seeded generator, so every run is r
   level's noise drawn independently (each extra level seeded with its own number through the card's
   diffusion ``seed``), and as the library does by default (every run seeded alike: the levels share one
   noise field, only its scale differs, so their errors are correlated);
+- THOR harmonisation: the card's settings with ``harmonise`` (healthy-looking tissue pulled back to the
+  noised input after each step);
+- patch-wise (pDDPM-style): the card's settings with ``patch_grid`` (one tile noised at a time, the rest of
+  the slice its clean context);
 - and, at no extra inference: the uncertainty alone (the samples' standard deviation as the map) and each
   extra noise level alone.
 
@@ -35,7 +40,6 @@ Data: BraTS 2018 (Menze et al. 2015, Bakas et al. 2017 and 2018); see the data f
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -61,6 +65,11 @@ CITATION = ("BraTS 2018: Menze et al., IEEE TMI 2015; Bakas et al., Scientific D
             "Bakas et al., arXiv:1811.02629 (2018)")
 FLOOR_PERCENTILE = 10.0  # of the in-brain standard deviation: the spread's floor
 SEED = 0
+HARMONISE = 0.15  # THOR: departures (model units) below this are pulled back to the input
+PATCH_GRID = 2  # pDDPM-style: tiles a side, restored one at a time from their clean context
+# Variants that need runs of their own, by the runs they need; --reuse runs only those a case lacks.
+GROUPS = {"samples": ("samples_mean", "spread", "uncertainty"), "levels": ("levels_mean", "levels_mean_independent"),
+          "thor": ("thor",), "patches": ("patches",)}
 NAME = "diffusion-tricks"
 
 
@@ -72,18 +81,13 @@ def variant_names(settings: dict, samples: int, levels: list[int]) -> dict[str, 
              "levels_mean_independent": f"noise levels {'+'.join(str(level) for level in levels)} averaged "
                                         "(independent noise)",
              "levels_mean": f"noise levels {'+'.join(str(level) for level in levels)} averaged (shared noise field)",
-             "uncertainty": f"uncertainty alone (std of {samples} samples)"}
+             "uncertainty": f"uncertainty alone (std of {samples} samples)",
+             "thor": f"THOR harmonisation (harmonise {HARMONISE}, 1 sample)",
+             "patches": f"patch-wise, pDDPM-style ({PATCH_GRID}x{PATCH_GRID} tiles, 1 sample; inference only)"}
     for level in levels:
         if level != settings["noise_level"]:
             names[f"level_{level}"] = f"noise level {level} alone (1 sample)"
     return names
-
-
-def with_seed(package, seed: int):
-    """The package with its card's diffusion noise seeded ``seed`` (a card field; runs cannot override it)."""
-    card = package.card
-    diffusion = {**card["inference"]["diffusion"], "seed": seed}
-    return dataclasses.replace(package, card={**card, "inference": {**card["inference"], "diffusion": diffusion}})
 
 
 def reconstruct(package, model_input, diffusion: dict | None) -> tuple:
@@ -95,8 +99,12 @@ def reconstruct(package, model_input, diffusion: dict | None) -> tuple:
     return inference, time.perf_counter() - start
 
 
-def evaluate_case(package, folder: Path, case: str, samples: int, levels: list[int]) -> dict:
-    """One case's maps and figures (template space)."""
+def evaluate_case(package, folder: Path, case: str, samples: int, levels: list[int],
+                  stored: dict | None = None) -> dict:
+    """One case's maps and figures (template space); ``stored``: this case's row from an earlier run,
+    whose variants are kept and not run again."""
+    have = set((stored or {}).get("variants", {}))
+    wanted = {group for group, keys in GROUPS.items() if not set(keys) <= have}
     card, template = package.card, package.template
     scoring = card["scoring"]
     image = read_volume(folder / f"{case}_{card['modality'].lower()}.nii.gz")
@@ -121,51 +129,66 @@ def evaluate_case(package, folder: Path, case: str, samples: int, levels: list[i
 
     base, seconds["baseline"] = reconstruct(package, model_input, None)
     maps["baseline"] = score(base.reconstruction)
+    inference_seconds = {"baseline": seconds["baseline"]}
 
-    several, seconds[f"{samples}_samples"] = reconstruct(package, model_input, {"samples": samples})
-    maps["samples_mean"] = score(several.reconstruction)
-    std = np.sqrt(np.maximum(several.variance, 0.0))
-    floor = max(float(np.percentile(std[inside], FLOOR_PERCENTILE)), 1e-6)
-    spread = std + floor
-    # |x/s - m/s| = |x - m| / s (s > 0): the card's residual of the spread-scaled inputs, then its median
-    # filter and eroded brain, exactly as anomaly_map scores a plain residual.
-    maps["spread"] = score(several.reconstruction / spread, x / spread)
-    # The uncertainty map as the score: no reconstruction means the "image" itself is scored.
-    maps["uncertainty"] = score(None, std, {**scoring, "residual": "absolute"})
+    std = floor = None
+    if "samples" in wanted:
+        several, seconds[f"{samples}_samples"] = reconstruct(package, model_input, {"samples": samples})
+        maps["samples_mean"] = score(several.reconstruction)
+        std = np.sqrt(np.maximum(several.variance, 0.0))
+        floor = max(float(np.percentile(std[inside], FLOOR_PERCENTILE)), 1e-6)
+        spread = std + floor
+        # |x/s - m/s| = |x - m| / s (s > 0): the card's residual of the spread-scaled inputs, then its median
+        # filter and eroded brain, exactly as anomaly_map scores a plain residual.
+        maps["spread"] = score(several.reconstruction / spread, x / spread)
+        # The uncertainty map as the score: no reconstruction means the "image" itself is scored.
+        maps["uncertainty"] = score(None, std, {**scoring, "residual": "absolute"})
+        for key in GROUPS["samples"]:
+            inference_seconds[key] = seconds[f"{samples}_samples"]
 
-    by_level, independent = {}, {}
-    for level in levels:
-        if diffusion_settings(package, {"noise_level": level}) == baseline_settings:
-            # the same settings, seed and noise: the baseline's run
-            by_level[level] = independent[level] = base.reconstruction
-            continue
-        run, seconds[f"level_{level}"] = reconstruct(package, model_input, {"noise_level": level})
-        by_level[level] = run.reconstruction
-        maps[f"level_{level}"] = score(run.reconstruction)
-        run, seconds[f"level_{level}_seed_{level}"] = reconstruct(with_seed(package, level), model_input,
-                                                                   {"noise_level": level})
-        independent[level] = run.reconstruction
-    maps["levels_mean"] = score(np.mean([by_level[level] for level in levels], axis=0))
-    maps["levels_mean_independent"] = score(np.mean([independent[level] for level in levels], axis=0))
-
-    inference_seconds = {"baseline": seconds["baseline"], "samples_mean": seconds[f"{samples}_samples"],
-                         "spread": seconds[f"{samples}_samples"], "uncertainty": seconds[f"{samples}_samples"],
-                         # the card's own level is the baseline's run: its seconds count once more here
-                         "levels_mean": sum(seconds.get(f"level_{level}", seconds["baseline"]) for level in levels),
-                         "levels_mean_independent": sum(seconds.get(f"level_{level}_seed_{level}", seconds["baseline"])
-                                                        for level in levels)}
-    for level in levels:
-        if f"level_{level}" in seconds:
+    if "levels" in wanted:
+        by_level, independent = {}, {}
+        for level in levels:
+            if diffusion_settings(package, {"noise_level": level}) == baseline_settings:
+                # the same settings, seed and noise: the baseline's run
+                by_level[level] = independent[level] = base.reconstruction
+                continue
+            run, seconds[f"level_{level}"] = reconstruct(package, model_input, {"noise_level": level})
+            by_level[level] = run.reconstruction
+            maps[f"level_{level}"] = score(run.reconstruction)
             inference_seconds[f"level_{level}"] = seconds[f"level_{level}"]
+            run, seconds[f"level_{level}_seed_{level}"] = reconstruct(package.with_diffusion(seed=level), model_input,
+                                                                       {"noise_level": level})
+            independent[level] = run.reconstruction
+        maps["levels_mean"] = score(np.mean([by_level[level] for level in levels], axis=0))
+        maps["levels_mean_independent"] = score(np.mean([independent[level] for level in levels], axis=0))
+        # the card's own level is the baseline's run: its seconds count once more here
+        inference_seconds["levels_mean"] = sum(seconds.get(f"level_{level}", seconds["baseline"]) for level in levels)
+        inference_seconds["levels_mean_independent"] = sum(
+            seconds.get(f"level_{level}_seed_{level}", seconds["baseline"]) for level in levels)
+
+    for group, variant in (("thor", package.with_diffusion(harmonise=HARMONISE)),
+                           ("patches", package.with_diffusion(patch_grid=PATCH_GRID))):
+        if group in wanted:
+            run, seconds[group] = reconstruct(variant, model_input, None)
+            inference_seconds[group] = seconds[group]
+            maps[group] = score(run.reconstruction)
+
     scored = scoring_mask(inside, spacing_zyx, scoring["mask_erosion_mm"])
     healthy = scored & ~truth
     variants = {key: {"auprc": auprc(value[inside], truth[inside]),
                       "best_dice": best_dice(value[inside], truth[inside])[0],
                       "inference_seconds": inference_seconds[key]} for key, value in maps.items()}
-    return {"case": case, "tumour_ml": float(truth.sum() * np.prod(spacing_zyx) / 1000),
-            "alignment": model_input.alignment, "registration_seconds": registration.seconds,
-            "std_floor": floor, "std_tumour": float(std[scored & truth].mean()) if (scored & truth).any() else None,
-            "std_healthy": float(std[healthy].mean()), "run_seconds": seconds, "variants": variants}
+    row = {"case": case, "tumour_ml": float(truth.sum() * np.prod(spacing_zyx) / 1000),
+           "alignment": model_input.alignment, "registration_seconds": registration.seconds,
+           "run_seconds": seconds, "variants": variants}
+    if std is not None:
+        row.update(std_floor=floor, std_tumour=float(std[scored & truth].mean()) if (scored & truth).any() else None,
+                   std_healthy=float(std[healthy].mean()))
+    if stored:  # kept from the earlier run: its variants (the baseline is this run's, the same seeded draw)
+        row = {**stored, **row, "run_seconds": {**stored.get("run_seconds", {}), **seconds},
+               "variants": {**stored["variants"], **variants}}
+    return row
 
 
 def summarise(rows: list[dict], names: dict[str, str]) -> dict:
@@ -190,7 +213,7 @@ def markdown(result: dict) -> str:
     wins = {key: sum(row["variants"][key]["auprc"] > row["variants"]["baseline"]["auprc"] for row in rows)
             for key in result["variants"] if key != "baseline"}
     win_line = "; ".join(f"{result['variants'][key]} {count}/{len(rows)}" for key, count in wins.items())
-    return f"""# Diffusion tricks on real lesions: samples, spread, noise levels
+    return f"""# Diffusion tricks on real lesions: samples, spread, noise levels, harmonisation, patches
 
 Generated by `scripts/diffusion_tricks.py`; do not edit by hand.
 
@@ -216,6 +239,14 @@ generator, seeded {SEED}, so every figure here is reproducible. The variants:
   the level's number, through a copy of the card with its diffusion `seed` set: a run cannot override it),
   and with the **shared noise field** every run gets by default (the library seeds each run's generator
   {SEED}, so the levels draw the same noise, only scaled differently, and their errors are correlated).
+- **THOR harmonisation** (Bercea et al. 2024; `harmonise: {HARMONISE}` in a copy of the card): after each DDIM
+  step, where the x0 estimate departs from the input by less than {HARMONISE} (model units, averaged over 5
+  voxels a side) the sample is pulled towards the input noised to the next step, in proportion; so healthy
+  tissue ends close to the input and what the model changes stays changed.
+- **Patch-wise, pDDPM-style** (Behrendt et al. 2023; `patch_grid: {PATCH_GRID}`): each tile of a {PATCH_GRID}x{PATCH_GRID}
+  grid is noised and restored in turn with the rest of the slice clean around it, {PATCH_GRID * PATCH_GRID} passes. Inference
+  only: pDDPM trains its network on patch-noised slices, this network was trained on whole-slice noise, so
+  it meets clean context it never saw.
 - Extras at no further inference: the **uncertainty alone** (s, median-filtered and masked, as the map) and
   each extra **noise level alone** (default seed).
 
@@ -230,7 +261,8 @@ at a stated false-positive rate.
 Cases where a variant's AUPRC beats the baseline's: {win_line}. The samples' standard deviation is
 {spread_ratio:.2f} times as high in the tumour as in the healthy scored brain (mean of per-case ratios).
 The baseline and each noise level alone are one draw of the noise each: part of a small difference from
-them is the draw, not the trick.
+them is the draw, not the trick. THOR and the patch-wise variant draw the baseline's own noise (the same
+seeded generator), so their difference from it is the trick's alone.
 
 Data: {CITATION}. No voxels of the cases are stored here; per-case figures are in `{NAME}.json`.
 """
@@ -247,6 +279,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=None, help="only the first N cases")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--render", action="store_true", help=f"only rewrite {NAME}.md from {NAME}.json")
+    parser.add_argument("--reuse", action="store_true",
+                        help=f"keep the variants {NAME}.json already has for a case; run only the others")
     args = parser.parse_args()
     if args.render:
         saved = json.loads((args.out / f"{NAME}.json").read_text())
@@ -268,9 +302,15 @@ def main() -> None:
         raise SystemExit(f"no BraTS cases in {args.data}")
     settings = diffusion_settings(package)
     names = variant_names(settings, args.samples, args.noise_levels)
+    stored = {}
+    if args.reuse and (args.out / f"{NAME}.json").is_file():
+        saved = json.loads((args.out / f"{NAME}.json").read_text())
+        if (saved["model"], saved["samples"], saved["noise_levels"]) != (package.name, args.samples, args.noise_levels):
+            parser.error(f"--reuse: {NAME}.json was made with another model, --samples or --noise-levels")
+        stored = {row["case"]: row for row in saved["per_case"]}
     rows: list[dict] = []
     for case in cases:
-        row = evaluate_case(package, args.data, case, args.samples, args.noise_levels)
+        row = evaluate_case(package, args.data, case, args.samples, args.noise_levels, stored.get(case))
         rows.append(row)
         print(f"{case}: " + ", ".join(f"{key} {v['auprc']:.3f}/{v['best_dice']:.3f}"
                                       for key, v in row["variants"].items())

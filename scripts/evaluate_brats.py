@@ -3,7 +3,7 @@
 
     python scripts/evaluate_brats.py [--data ../shared/data/brats-dev] [--out docs/evaluation]
                                      [--contrasts t1 t2 flair] [--models NAME ...] [--cases N]
-                                     [--folds FOLDER ...]
+                                     [--folds FOLDER ...] [--acquisition KIND] [--reuse] [--keep-figure]
 
 For each contrast (the models whose card names that modality, or ``--models``) every case goes
 through the full pipeline exactly as ``normative-anomaly run`` (registration, the model, scoring,
@@ -275,6 +275,11 @@ def markdown(results: list[ModelScore], cases: list[str], acquisition: str = "as
     if any(result.reused for result in results):
         lines += ["", "† measured by an earlier run of this script (`--reuse`: the model and the pipeline have not "
                   "changed since) and kept; the other rows were measured by this run."]
+    if acquisition == "as-is":
+        lines += ["", "Tricks measured apart from this table (template space, threshold-free, the same cases): the "
+                  "diffusion model's sampling (samples or noise levels averaged, spread scoring, THOR harmonisation, "
+                  "patch-wise noising) in [diffusion-tricks.md](diffusion-tricks.md), a deformable registration "
+                  "refinement in [deformable.md](deformable.md)."]
     lines += ["", "Published on BraTS (other splits and training sets, so a guide only):", "",
               "| contrast | method | AUPRC | best Dice | Dice |", "|---|---|---|---|---|"]
     lines += [f"| {c} | {m} | {a or '–'} | {b or '–'} | {d or '–'} |" for c, m, a, b, d in PUBLISHED]
@@ -364,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true",
                         help="keep the rows of --out/brats.json for models not evaluated in this run (models and "
                              "pipeline unchanged since); the figure shows the rows evaluated now")
+    parser.add_argument("--keep-figure", action="store_true",
+                        help="leave --out/brats.png as it is (e.g. when adding one model's rows with --reuse)")
     parser.add_argument("--skull", choices=["detect", "stripped", "template"], default="detect",
                         help="brain scored: detected as a run does (default), the scan's own, or the template's")
     args = parser.parse_args(argv)
@@ -384,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "brats.md").write_text(markdown(results, cases, args.acquisition))
     (args.out / "brats.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
-    figure(args.data, keep, results, args.out / "brats.png", args.acquisition)
+    if not args.keep_figure:
+        figure(args.data, keep, results, args.out / "brats.png", args.acquisition)
     print(markdown(results, cases, args.acquisition))
     return 0
 

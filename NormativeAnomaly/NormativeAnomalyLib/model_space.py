@@ -67,9 +67,10 @@ def bias_correct(image: sitk.Image, brain_mask: sitk.Image, shrink: int = 2) -> 
 
 def prepare_model_input(image: sitk.Image, template: Template, registration: Registration, normalisation: dict,
                         brain_mask_on_input: sitk.Image | None = None, bias_correction: bool = False,
-                        mask_name: str = "the brain mask given (--mask)") -> ModelSpaceInput:
+                        mask_name: str = "the brain mask given (--mask)", modality: str | None = None) -> ModelSpaceInput:
     """Bring ``image`` into model space; the brain mask is the template's unless one is given
-    (``mask_name`` names it in the error when it does not fit the registered brain)."""
+    (``mask_name`` names it in the error when it does not fit the registered brain). ``modality``: the
+    model's contrast, which says how its tissue order is measured (TISSUE_BAND_EROSION)."""
     resampled = to_model_space(image, template, registration)
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(image)
@@ -105,8 +106,8 @@ def prepare_model_input(image: sitk.Image, template: Template, registration: Reg
     # Judged on the template's brain whatever mask is given: a bad mask must not pass for a failed registration.
     template_values = sitk.GetArrayViewFromImage(template.image)
     alignment = alignment_quality(template_values, values, template_brain)
-    return ModelSpaceInput(normalised, brain, scale, alignment, tissue_order(template_values, values, template_brain),
-                           brain_overlap)
+    order = tissue_order(template_values, values, template_brain, TISSUE_BAND_EROSION.get(modality, 0))
+    return ModelSpaceInput(normalised, brain, scale, alignment, order, brain_overlap)
 
 
 def brain_as_sliced(template: Template, image: sitk.Image, registration: Registration) -> sitk.Image:
@@ -179,25 +180,35 @@ def alignment_quality(template_values: np.ndarray, input_values: np.ndarray, bra
 # percentiles), which are tissues of different kinds in every contrast (CSF, white and grey matter
 # in some order), whatever the contrast.
 TISSUE_BANDS = ((0.0, 15.0), (40.0, 60.0), (80.0, 100.0))
+# Per contrast, template voxels each band is eroded by first. The FLAIR-like template is made from fuzzy
+# tissue memberships, so its bands' edges mix tissues: eroded by one voxel, a band's median comes from
+# inside a tissue, and T1 scans given to the FLAIR model fall to -0.19 and below while real FLAIR stays
+# at -0.12 and above (uneroded, one T1 at -0.059 passed for FLAIR at -0.061). Eroding the T1 template's
+# bands instead lifted FLAIR scans given to the T1 model to +0.035, near real T1 at +0.057: not eroded.
+TISSUE_BAND_EROSION = {"FLAIR": 1}
 
 
-def tissue_order(template_values: np.ndarray, input_values: np.ndarray, brain: np.ndarray) -> float:
+def tissue_order(template_values: np.ndarray, input_values: np.ndarray, brain: np.ndarray, erosion: int = 0) -> float:
     """Whether the registered input orders the template's tissues as the template does: the smaller
-    step between the input's medians over the template's dark, middle and bright bands, as a
+    step between the input's medians over the template's dark, middle and bright bands (each eroded by
+    ``erosion`` voxels), as a
     fraction of the input's 5th-95th percentile range over the brain (> 0: same order).
 
     The correlation alone cannot tell FLAIR from T1 (CSF is dark on both, and it dominates); the
     order of grey and white matter can: a T1 scan given to a FLAIR model has its grey matter darker
     than its white matter, the FLAIR template the other way round.
     """
-    template_brain, values = template_values[brain], input_values[brain].astype(np.float64)
+    from scipy import ndimage
+
+    values = input_values[brain].astype(np.float64)
     if values.size < 100:
         return 0.0
-    edges = np.percentile(template_brain, [edge for band in TISSUE_BANDS for edge in band])
+    edges = np.percentile(template_values[brain], [edge for band in TISSUE_BANDS for edge in band])
     medians = []
     for k in range(len(TISSUE_BANDS)):
-        inside = (template_brain >= edges[2 * k]) & (template_brain <= edges[2 * k + 1])
-        medians.append(float(np.median(values[inside])) if inside.any() else 0.0)
+        band = brain & (template_values >= edges[2 * k]) & (template_values <= edges[2 * k + 1])
+        inside = ndimage.binary_erosion(band, iterations=erosion) if erosion else band
+        medians.append(float(np.median(input_values[inside])) if inside.any() else 0.0)
     low, high = np.percentile(values, [5, 95])
     if high <= low:
         return 0.0
@@ -216,11 +227,11 @@ def tissue_order(template_values: np.ndarray, input_values: np.ndarray, brain: n
 # below refuses the rest).
 ALIGNMENT_CUTOFFS = {"T1": 0.45, "T2": 0.17, "FLAIR": 0.12}
 # The correlation cannot tell FLAIR from T1 (CSF is dark on both): the order of the template's tissues
-# in the input can (model_space.tissue_order), mostly. Measured: real scans of the model's contrast T1
-# +0.09 and above, T2 +0.03 and above, FLAIR -0.05 and above at 1 mm and -0.061 in 5 mm slices; T1 and
-# T2 scans given to the FLAIR model -0.063 and below, except one BraTS T1 at -0.059 (-0.058 in 5 mm
-# slices), which passes: the margin is kept on the side of real FLAIR.
-TISSUE_ORDER_MINIMA = {"T1": 0.0, "T2": 0.0, "FLAIR": -0.07}
+# in the input can (model_space.tissue_order, its bands eroded as TISSUE_BAND_EROSION says). Measured:
+# real scans of the model's contrast T1 +0.09 and above, T2 +0.03 and above, FLAIR -0.121 and above (1 mm
+# and 5 mm slices); T1 and T2 scans given to the FLAIR model -0.188 and below, FLAIR and T2 scans given to
+# the T1 model -0.02 and below.
+TISSUE_ORDER_MINIMA = {"T1": 0.0, "T2": 0.0, "FLAIR": -0.15}
 # A skull-stripped scan's own brain, registered to the template's brain (as the scan's slices hold it:
 # brain_as_sliced), overlaps it (Dice) by more than this; the brain's shape tells a scan stored upside
 # down or back to front even where the contrast cannot (FLAIR). Measured on BraTS, all three contrasts:

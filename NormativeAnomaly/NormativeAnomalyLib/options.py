@@ -30,6 +30,9 @@ SKULL_CHOICES = {"detect": None, "skull-stripped": True, "with skull": False}
 DIFFUSION_DEFAULTS: dict[str, Any] = {
     "train_timesteps": 1000, "schedule": "linear_beta", "beta_start": 1e-4, "beta_end": 2e-2,
     "noise": "gaussian", "noise_level": 250, "steps": 10, "samples": 1,
+    # Card-only switches (diffusion.reconstruct_batch): THOR's harmonisation with the input (0: off) and
+    # pDDPM's patch-wise noising (1: the whole slice at once).
+    "harmonise": 0.0, "patch_grid": 1,
 }
 DIFFUSION_NOISE_KINDS = ("gaussian", "simplex", "coarse")
 # The ranges the panels' spin boxes and sliders offer.
@@ -76,26 +79,28 @@ def _positive_integer(text: str) -> int:
 
 
 def _argument(flag: str | None, help: str | None = None, parse: Callable[[str], Any] | None = None,
-              choices: Sequence[str] | None = None) -> dict[str, Any]:
+              choices: Sequence[str] | None = None, panel: str | None = None) -> dict[str, Any]:
     """A CLI argument: its flag (argparse's dest is ``flag_dest(flag)``), help, ``parse`` (argparse's
-    type: the value from its text) and choices."""
-    return {"flag": flag, "help": help, "parse": parse, "choices": choices}
+    type: the value from its text) and choices; ``panel``: the Slicer parameter node field that holds it."""
+    return {"flag": flag, "help": help, "parse": parse, "choices": choices, "panel": panel}
 
 
 def _option(default: Any, setting: str | None, flag: str | None, changes_result: bool, help: str | None = None,
             parse: Callable[[str], Any] | None = None, choices: Sequence[str] | None = None, *,
             flag_when_false: str | None = None, help_when_false: str | None = None, exclusive: str | None = None,
-            parts: dict[str, dict[str, Any]] | None = None) -> Any:
+            parts: dict[str, dict[str, Any]] | None = None, panel: str | None = None,
+            from_panel: Callable[[Any], Any] | None = None) -> Any:
     """A RunOptions field. ``setting``: its run.json key (None: not recorded); ``flag``: its CLI flag
     (None: none), with ``help``, ``parse`` and ``choices`` (see ``_argument``); ``changes_result``: a
     batch resumed with another value refuses the finished cases. ``flag_when_false``: a yes/no/unset
     option's flag for no (``flag`` says yes); ``exclusive``: options naming the same group exclude each
     other on the command line; ``parts``: a dict option's keys, each its own ``_argument`` (run.json
-    key: ``flag_dest`` of its flag), titled by ``help`` in the CLI's help."""
+    key: ``flag_dest`` of its flag), titled by ``help`` in the CLI's help. ``panel``: the Slicer parameter
+    node field that holds the option (``options_from_panel``), ``from_panel`` its value from that field's."""
     return field(default=default, metadata={
-        "setting": setting, "changes_result": changes_result, **_argument(flag, help, parse, choices),
+        "setting": setting, "changes_result": changes_result, **_argument(flag, help, parse, choices, panel),
         "flag_when_false": flag_when_false, "help_when_false": help_when_false, "exclusive": exclusive,
-        "parts": parts or {}})
+        "parts": parts or {}, "from_panel": from_panel})
 
 
 def flag_dest(flag: str) -> str:
@@ -105,22 +110,31 @@ def flag_dest(flag: str) -> str:
 
 # The diffusion settings a run may override (None: the card's), each with its CLI flag.
 DIFFUSION_ARGUMENTS = {
-    "noise_level": _argument("--noise-level", "forward steps of noise before denoising", int),
-    "steps": _argument("--diffusion-steps", "DDIM steps back to the image (1: one-step x0)", int),
-    "samples": _argument("--samples", "reconstructions averaged; >1 writes uncertainty_map", int),
-    "noise": _argument("--diffusion-noise", "kind of noise", choices=DIFFUSION_NOISE_KINDS),
+    "noise_level": _argument("--noise-level", "forward steps of noise before denoising", int, panel="noiseLevel"),
+    "steps": _argument("--diffusion-steps", "DDIM steps back to the image (1: one-step x0)", int,
+                       panel="diffusionSteps"),
+    "samples": _argument("--samples", "reconstructions averaged; >1 writes uncertainty_map", int, panel="samples"),
+    "noise": _argument("--diffusion-noise", "kind of noise", choices=DIFFUSION_NOISE_KINDS, panel="diffusionNoise"),
 }
 DIFFUSION_FLAGS = {key: argument["flag"] for key, argument in DIFFUSION_ARGUMENTS.items()}
 _CALIBRATION_NOTE = "one beyond the model's calibration is moved to its nearest end, with a note"
+
+
+def _skull_stripped(choice: str) -> bool | None:
+    """A panel's skull choice (SKULL_CHOICES) as RunOptions.skull_stripped."""
+    if choice not in SKULL_CHOICES:
+        raise ValueError(f"unknown skull setting {choice!r}: one of {', '.join(SKULL_CHOICES)}")
+    return SKULL_CHOICES[choice]
+
 
 
 @dataclass
 class RunOptions:
     """What a run may be told beyond its input and model; None: the model card's choice."""
 
-    device: str = _option("auto", "device", "--device", False, choices=DEVICES)
+    device: str = _option("auto", "device", "--device", False, choices=DEVICES, panel="device")
     registered: bool = _option(False, "registered", "--registered", True,  # already in the template's space
-                               "input(s) already in the model's template space")
+                               "input(s) already in the model's template space", panel="alreadyInTemplateSpace")
     # On the input's grid; default: the scan's own brain if skull-stripped, else the template's, mapped
     brain_mask: sitk.Image | None = _option(None, None, None, True)
     threshold: float | None = _option(None, "threshold", "--threshold", True,  # default: calibrated at fpr
@@ -138,14 +152,15 @@ class RunOptions:
     accept_poor_alignment: bool = _option(
         False, "accept_poor_alignment", "--accept-poor-alignment", False,
         "run even when the registered input does not look like the model's template "
-        "(correlation under the cut-off: failed registration, non-brain, other contrast)")
+        "(correlation under the cut-off: failed registration, non-brain, other contrast)", panel="acceptPoorAlignment")
     batch_size: int | None = _option(None, "batch_size", "--batch-size", False,  # slices per batch
                                      "slices per inference batch (default: the model's; on CUDA sized from free memory)",
                                      _positive_integer)
     skull_stripped: bool | None = _option(  # None: detect
         None, "skull_stripped", "--skull-stripped", True,
         "the input is skull-stripped: score its own brain (default: detected)", flag_when_false="--with-skull",
-        help_when_false="the input has its skull: score the template's brain, mapped (default: detected)")
+        help_when_false="the input has its skull: score the template's brain, mapped (default: detected)",
+        panel="skull", from_panel=_skull_stripped)
     precision: str = _option("auto", "precision", "--precision", False,
                              "inference precision (auto: bf16 or fp16 on a GPU, fp32 on the CPU)", choices=PRECISIONS)
     # Diffusion models: overrides of the card's noise_level, steps, samples, noise (None: the card's)
@@ -186,6 +201,21 @@ class RunOptions:
             else:
                 argv += [flag, str(value)]
         return argv
+
+
+def options_from_panel(parameters: Any, diffusion: bool) -> RunOptions:
+    """The RunOptions a panel asks for: each option whose metadata names a ``panel`` field is read from
+    that attribute of ``parameters`` (the Slicer parameter node); the diffusion overrides only when
+    ``diffusion`` (a diffusion model is chosen). The brain mask is a node, passed to the run apart."""
+    values: dict[str, Any] = {}
+    for option in fields(RunOptions):
+        metadata = option.metadata
+        if metadata["panel"]:
+            value = getattr(parameters, metadata["panel"])
+            values[option.name] = metadata["from_panel"](value) if metadata["from_panel"] else value
+        if metadata["parts"] and diffusion:
+            values[option.name] = {key: getattr(parameters, part["panel"]) for key, part in metadata["parts"].items()}
+    return RunOptions(**values)
 
 
 # run.json settings that change a result: a batch resumed with another value refuses the finished case.

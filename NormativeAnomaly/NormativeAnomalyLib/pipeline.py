@@ -124,7 +124,7 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
     with _timed(seconds, "model_space", monitor):
         bias = bias_correction(card, options.bias_correction, skull_stripped)
         model_input = prepare_model_input(image, template, registration, card["preprocessing"]["normalisation"],
-                                          brain_mask, bias, mask_name)
+                                          brain_mask, bias, mask_name, card["modality"])
         # A given mask has its own fit check (model_space.check_mask_fits); a stripped scan's own brain this one.
         brain_overlap = model_input.brain_overlap if options.brain_mask is None else float("nan")
         if not options.accept_poor_alignment:

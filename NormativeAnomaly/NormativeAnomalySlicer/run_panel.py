@@ -15,6 +15,7 @@ import slicer
 from NormativeAnomalyLib.models.registry import is_diffusion_model
 from NormativeAnomalyLib.mrml import run_controller
 from NormativeAnomalyLib.mrml.run_controller import RunFailedError, stage_text
+from NormativeAnomalyLib.options import options_from_panel
 
 from .dependencies import DependencyProbe, deviceText, installDependencies
 from .requirements import missing_packages
@@ -88,13 +89,6 @@ class RunPanel:
 
     def _isDiffusionModel(self, modelName: str) -> bool:
         return is_diffusion_model(self.logic.modelCard(modelName))
-
-    def _diffusionSettings(self, parameters) -> Optional[dict]:
-        """The run's diffusion settings (as the panel shows them), for diffusion models only."""
-        if not self._isDiffusionModel(parameters.modelName):
-            return None
-        return {"noise_level": parameters.noiseLevel, "steps": parameters.diffusionSteps,
-                "samples": parameters.samples, "noise": parameters.diffusionNoise}
 
     # Dependencies --------------------------------------------------------------------------------
 
@@ -177,11 +171,9 @@ class RunPanel:
         if self.running or not parameters:
             return
         try:
-            self.handle = self.logic.startRun(parameters.inputVolume, parameters.modelName, parameters.device,
-                                              parameters.alreadyInTemplateSpace, parameters.brainMask,
-                                              diffusion=self._diffusionSettings(parameters),
-                                              acceptPoorAlignment=parameters.acceptPoorAlignment,
-                                              skull=parameters.skull)
+            options = options_from_panel(parameters, diffusion=self._isDiffusionModel(parameters.modelName))
+            self.handle = self.logic.startRun(parameters.inputVolume, parameters.modelName, options,
+                                              parameters.brainMask)
         except (OSError, RuntimeError, ValueError) as error:
             message = _("Could not start the analysis: {error}").format(error=error)
             self._showStatus(message)

@@ -244,6 +244,7 @@ class NormativeAnomalySelfTests:
         self._requireTorch()
         from NormativeAnomalyLib.mrml.display import show_result
         from NormativeAnomalyLib.models.registry import card_diffusion_settings, is_diffusion_model
+        from NormativeAnomalyLib.options import RunOptions
 
         logic = self.newLogic()
         model = next((model for model in logic.availableModels() if is_diffusion_model(model)), None)
@@ -269,7 +270,7 @@ class NormativeAnomalySelfTests:
         self.assertEqual(parameters.samples, min(max(int(card["samples"]), 1), 32))
 
         self.delayDisplay(f"Running {model['name']} with 2 samples of 2 steps")
-        handle = logic.startRun(inputVolume, model["name"], diffusion={"samples": 2, "steps": 2})
+        handle = logic.startRun(inputVolume, model["name"], RunOptions(diffusion={"samples": 2, "steps": 2}))
         state = logic.waitForRun(handle, timeoutSeconds=1800)
         self.assertEqual(state.returncode, 0, f"run failed: {state.message}")
         nodes, _live = logic.finishRun(handle)

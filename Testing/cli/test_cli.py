@@ -28,33 +28,11 @@ import SimpleITK as sitk
 from NormativeAnomalyLib.models import default_model_name, resolve_model
 from NormativeAnomalyLib.resources import demo_case
 
-REPO = Path(__file__).resolve().parents[2]
-LIBRARY_ROOT = REPO / "NormativeAnomaly"
+from NormativeAnomalyLib.run_folder import LESION_COLUMNS, MAP_FILES, OUTPUT_FILES, read_run_folder
+
+from cli_runs import LIBRARY_ROOT, REPO, assert_complete_outputs, assert_ok, read_json, run_cli, snapshot
+
 BUNDLED_INTENSITY_PACKAGE = REPO / "Resources" / "Models" / "intensity-t1"
-STAGES = ("registration", "model_space", "inference", "scoring", "to_input_grid", "segmentation", "total")
-
-from NormativeAnomalyLib.run_folder import LESION_COLUMNS, MAP_FILES, OUTPUT_FILES, read_run_folder  # noqa: E402  (conftest sets sys.path)
-
-
-def run_cli(*args, timeout: float = 900) -> subprocess.CompletedProcess:
-    """``normative-anomaly ARGS`` in a fresh interpreter, without installation."""
-    env = dict(os.environ, PYTHONPATH=str(LIBRARY_ROOT))
-    return subprocess.run([sys.executable, "-m", "NormativeAnomalyLib.cli", *map(str, args)],
-                          capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=timeout)
-
-
-def assert_ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert "internal error" not in result.stderr and "Traceback" not in result.stderr, result.stderr
-
-
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every file (its bytes) and folder (None) under ``root``, by relative path."""
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text())
 
 
 def write_like(values: np.ndarray, like: sitk.Image, path: Path) -> Path:
@@ -68,19 +46,6 @@ def write_like(values: np.ndarray, like: sitk.Image, path: Path) -> Path:
 def dae_package_dir(trained_dae) -> Path:
     """The folder of the session's really trained DAE package."""
     return Path(trained_dae.path)
-
-
-def assert_complete_outputs(out: Path) -> dict:
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
-    assert not list(out.parent.glob(f".{out.name}.partial-*")), "a staging folder was left behind"
-    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    summary = read_json(out / "run.json")
-    assert summary["outputs"] == list(OUTPUT_FILES)
-    assert set(STAGES) <= set(summary["seconds"])
-    assert all(summary["seconds"][stage] >= 0 for stage in STAGES)
-    assert summary["seconds"]["total"] == pytest.approx(
-        sum(summary["seconds"][s] for s in STAGES if s != "total"), abs=0.01)
-    return summary
 
 
 # --- successful runs ---------------------------------------------------------------------

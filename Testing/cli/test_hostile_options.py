@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_cli import assert_complete_outputs, assert_ok, read_json, run_cli, snapshot
+from cli_runs import assert_complete_outputs, assert_ok, read_json, run_cli, snapshot
 
 from NormativeAnomalyLib.models import resolve_model
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli import LIBRARY_ROOT, assert_ok, run_cli, snapshot
+from cli_runs import LIBRARY_ROOT, assert_ok, run_cli, snapshot
 
 from NormativeAnomalyLib.lesions import segment_anomalies
 from NormativeAnomalyLib.run_folder import OUTPUT_FILES, output_lock

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from test_cli import LIBRARY_ROOT, REPO, assert_ok, read_json, run_cli
+from cli_runs import LIBRARY_ROOT, REPO, assert_ok, read_json, run_cli
 
 from NormativeAnomalyLib.errors import InputVolumeError
 from NormativeAnomalyLib.resources import demo_case

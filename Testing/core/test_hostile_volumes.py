@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from test_cli import REPO, assert_ok, read_json, run_cli
+from cli_runs import REPO, assert_ok, read_json, run_cli
 
 from NormativeAnomalyLib.resources import demo_case
 from NormativeAnomalyLib.simulation import chest_phantom

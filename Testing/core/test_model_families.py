@@ -127,6 +127,33 @@ def test_diffusion_reconstruction_is_seeded_and_overrides_are_checked(family_pac
         detect_anomalies(template.image, package, RunOptions(registered=True, diffusion={"noise_level": 10_000}))
 
 
+@pytest.mark.slow
+def test_diffusion_harmonisation_keeps_to_the_input_and_patches_restore_every_tile(family_packages, template):
+    """THOR's harmonisation pulls the pseudo-healthy image towards the input; pDDPM's tiles cover the
+    slice once each (every voxel restored, none left as the clean context), and both are card switches."""
+    package = family_packages["ddpm"]
+    x = sitk.GetArrayFromImage(template.image)
+
+    def departure(variant) -> float:
+        result = detect_anomalies(template.image, variant, RunOptions(registered=True))
+        return float(np.abs(sitk.GetArrayFromImage(result.pseudo_healthy) - x).mean())
+
+    plain = departure(package)
+    assert departure(package.with_diffusion(harmonise=0.5)) < 0.8 * plain
+    patched = departure(package.with_diffusion(patch_grid=2))
+    assert np.isfinite(patched) and patched != plain and patched > 0
+
+
+def test_diffusion_tiles_cover_the_slice_once():
+    from NormativeAnomalyLib.diffusion import _tiles
+
+    for shape, grid in [((2, 1, 112, 96), 2), ((1, 1, 7, 5, 9), 3), ((1, 1, 4, 4), 1)]:
+        count = np.zeros(shape)
+        for tile in _tiles(shape, grid):
+            count[tile] += 1
+        assert (count == 1).all() and len(_tiles(shape, grid)) == grid * grid
+
+
 def test_diffusion_options_are_refused_for_other_families(family_packages, real_t1_head_path, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO / "NormativeAnomaly"))
     result = subprocess.run([sys.executable, "-m", "NormativeAnomalyLib.cli", "run", str(real_t1_head_path),

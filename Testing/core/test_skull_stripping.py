@@ -83,7 +83,7 @@ def test_a_head_stated_stripped_is_refused_naming_the_statement(real_t1_head_pat
 
 @pytest.mark.slow
 def test_the_command_line_states_the_skull_and_run_json_records_it(template, trained_dae, tmp_path):
-    from test_cli import assert_ok, read_json, run_cli
+    from cli_runs import assert_ok, read_json, run_cli
 
     path = tmp_path / "stripped.nii.gz"
     sitk.WriteImage(_stripped(template), str(path))

@@ -8,6 +8,8 @@ import re
 import xml.dom.minidom
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "NormativeAnomaly"
 
@@ -84,14 +86,48 @@ def test_a_bound_widget_takes_its_range_from_the_parameter_node_not_the_ui():
             assert not {"minimum", "maximum"} & set(own), f"{widget.getAttribute('name')} sets its range in the .ui"
 
 
-def test_every_bound_widget_has_a_parameter_node_field():
+def _parameter_node_fields() -> dict[str, ast.AnnAssign]:
+    """The module's parameter node wrapper's fields, by name."""
     tree = ast.parse((MODULE / "NormativeAnomaly.py").read_text(encoding="utf-8"))
     wrapper = next(node for node in tree.body if isinstance(node, ast.ClassDef)
                    and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list))
-    fields = {node.target.id for node in wrapper.body if isinstance(node, ast.AnnAssign)}
+    return {node.target.id: node for node in wrapper.body if isinstance(node, ast.AnnAssign)}
+
+
+def test_every_bound_widget_has_a_parameter_node_field():
+    fields = set(_parameter_node_fields())
     bound = {entry["SlicerParameterName"] for entry in _ui_widgets().values() if "SlicerParameterName" in entry}
     assert {"inputVolume", "threshold", "minLesionMm3"} <= bound
-    assert bound <= fields, f"bound in the .ui but not in {wrapper.name}: {sorted(bound - fields)}"
+    assert bound <= fields, f"bound in the .ui but not in the parameter node: {sorted(bound - fields)}"
+
+
+def test_the_panel_asks_for_each_run_option_through_the_parameter_node_field_its_metadata_names():
+    """options_from_panel reads the fields RunOptions' metadata names; the parameter node's defaults ask
+    for the default run, and a diffusion model's for the shared diffusion defaults."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from NormativeAnomalyLib import options
+
+    named = set()
+    for option in dataclasses.fields(options.RunOptions):
+        named |= {option.metadata["panel"]} - {None}
+        named |= {part["panel"] for part in option.metadata["parts"].values()}
+    fields = _parameter_node_fields()
+    assert {"device", "skull", "noiseLevel"} <= named
+    assert named <= set(fields), f"named by RunOptions but not in the parameter node: {sorted(named - set(fields))}"
+    # The defaults as the module writes them (e.g. RunOptions.device, DIFFUSION_DEFAULTS["steps"]).
+    defaults = SimpleNamespace(**{name: eval(compile(ast.Expression(fields[name].value), "<default>", "eval"),
+                                             vars(options)) for name in named})
+    assert options.options_from_panel(defaults, diffusion=False) == options.RunOptions()
+    asked = options.options_from_panel(defaults, diffusion=True).diffusion
+    assert asked == {key: options.DIFFUSION_DEFAULTS[key] for key in options.DIFFUSION_ARGUMENTS}
+    defaults.skull, defaults.acceptPoorAlignment = "with skull", True
+    assert options.options_from_panel(defaults, diffusion=False).to_argv() == ["--accept-poor-alignment",
+                                                                                "--with-skull"]
+    defaults.skull = "no idea"
+    with pytest.raises(ValueError, match="unknown skull setting"):
+        options.options_from_panel(defaults, diffusion=False)
 
 
 def _imported_modules(path: Path) -> list[str]:
@@ -364,8 +400,6 @@ def test_the_extension_compiles_under_the_oldest_python_slicer_ships():
     import subprocess
     import sys
     from glob import glob
-
-    import pytest
 
     candidates = sorted(glob(os.path.expanduser(f"~/.pyenv/versions/{MINIMUM_PYTHON[0]}.{MINIMUM_PYTHON[1]}.*/bin/python")))
     if not candidates:

@@ -9,6 +9,7 @@ against its weights before memory is spent on it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -94,6 +95,13 @@ class ModelPackage:
     def calibration(self) -> Calibration:
         calibration = self.card["calibration"]
         return Calibration(fpr=tuple(calibration["fpr"]), threshold=tuple(calibration["threshold"]))
+
+    def with_diffusion(self, **settings: Any) -> "ModelPackage":
+        """This package with card-only diffusion settings changed (seed, harmonise, patch_grid), for
+        measuring a variant; the package on disk is untouched and a run cannot override these."""
+        inference = self.card["inference"]
+        diffusion = {**inference["diffusion"], **settings}
+        return dataclasses.replace(self, card={**self.card, "inference": {**inference, "diffusion": diffusion}})
 
     def build_network(self) -> torch.nn.Module | None:
         """The network with its weights, in eval mode (``None`` for the intensity baseline)."""
