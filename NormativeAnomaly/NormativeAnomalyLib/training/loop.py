@@ -194,7 +194,8 @@ def _card(config: dict[str, Any], objective: Objective, template: Template, norm
 def _device_name(config: dict[str, Any]) -> str:
     if config.get("device") == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"CPU, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"CPU, {threads} thread{'' if threads == 1 else 's'}"
 
 
 def _describe(config: dict[str, Any], split: str) -> str:
