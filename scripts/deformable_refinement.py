@@ -40,13 +40,11 @@ from scipy import ndimage
 
 from NormativeAnomalyLib.evaluation import auprc, best_dice, lesion_cases
 from NormativeAnomalyLib.inference import run_inference
-from NormativeAnomalyLib.model_space import prepare_model_input
 from NormativeAnomalyLib.models import resolve_model
 from NormativeAnomalyLib.progress import Monitor
 from NormativeAnomalyLib.registration import Registration, refine_deformable, register_to_template
 from NormativeAnomalyLib.scoring import anomaly_map, residual, residual_map, scoring_mask
-from NormativeAnomalyLib.skull_stripping import brain_mask_of_stripped
-from NormativeAnomalyLib.training.scans import LESION_SUFFIX
+from NormativeAnomalyLib.training.scans import LESION_SUFFIX, prepare_scan
 from NormativeAnomalyLib.volume_io import read_volume
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,18 +57,15 @@ MEASURES = ["auprc", "best_dice", "alignment", "tumour_volume_ratio", "warp_mm",
             "healthy_residual", "healthy_map_mean", "registration_seconds"]
 
 
-def measure(package, image: sitk.Image, label: sitk.Image, brain: sitk.Image, registration: Registration) -> dict:
+def measure(package, image: sitk.Image, label: sitk.Image, registration: Registration) -> dict:
     """One transform's figures for one case (template space)."""
     card, template = package.card, package.template
-    model_input = prepare_model_input(image, template, registration, card["preprocessing"]["normalisation"], brain,
-                                      bias_correction=False, mask_name="the scan's own brain")
+    model_input, truth, _ = prepare_scan(image, template, card["preprocessing"], label, True, registration)
     inference = run_inference(package, model_input.image, model_input.brain_mask, torch.device("cpu"), Monitor(),
                               None, None, "fp32")
     spacing_zyx = tuple(reversed(template.image.GetSpacing()))
     scores = anomaly_map(model_input.image, inference.reconstruction, model_input.brain_mask, spacing_zyx,
                          card["scoring"], None)
-    truth = sitk.GetArrayFromImage(sitk.Resample(label, template.image, registration.transform,
-                                                 sitk.sitkNearestNeighbor)) > 0
     inside = model_input.brain_mask
     # Healthy: the scored (eroded) brain, over 10 mm from the warped tumour.
     far = ndimage.distance_transform_edt(~truth, sampling=spacing_zyx) > HEALTHY_MARGIN_MM
@@ -103,7 +98,6 @@ def evaluate_contrast(contrast: str, folder: Path, cases: list[str], spacings: l
     for case in cases:
         image = read_volume(folder / f"{case}_{contrast}.nii.gz")
         label = sitk.ReadImage(str(folder / f"{case}{LESION_SUFFIX}"), sitk.sitkUInt8)
-        brain = brain_mask_of_stripped(image)
         affine = register_to_template(image, target, package.card["preprocessing"]["registration"])
         transforms = {"affine": affine}
         for spacing in spacings:
@@ -111,7 +105,7 @@ def evaluate_contrast(contrast: str, folder: Path, cases: list[str], spacings: l
         baseline = None
         for name, registration in transforms.items():
             start = time.perf_counter()
-            figures = {"case": case, **measure(package, image, label, brain, registration)}
+            figures = {"case": case, **measure(package, image, label, registration)}
             baseline = baseline or figures["tumour_ml"]
             figures["tumour_volume_ratio"] = figures["tumour_ml"] / baseline
             rows[name].append(figures)

@@ -50,13 +50,10 @@ import torch
 
 from NormativeAnomalyLib.evaluation import auprc, best_dice, lesion_cases
 from NormativeAnomalyLib.inference import diffusion_settings, run_inference
-from NormativeAnomalyLib.model_space import prepare_model_input
 from NormativeAnomalyLib.models import resolve_model
 from NormativeAnomalyLib.progress import Monitor
-from NormativeAnomalyLib.registration import register_to_template
 from NormativeAnomalyLib.scoring import anomaly_map, scoring_mask
-from NormativeAnomalyLib.skull_stripping import brain_mask_of_stripped
-from NormativeAnomalyLib.training.scans import LESION_SUFFIX
+from NormativeAnomalyLib.training.scans import LESION_SUFFIX, prepare_scan
 from NormativeAnomalyLib.volume_io import read_volume
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,13 +106,7 @@ def evaluate_case(package, folder: Path, case: str, samples: int, levels: list[i
     scoring = card["scoring"]
     image = read_volume(folder / f"{case}_{card['modality'].lower()}.nii.gz")
     label = sitk.ReadImage(str(folder / f"{case}{LESION_SUFFIX}"), sitk.sitkUInt8)
-    brain = brain_mask_of_stripped(image)
-    registration = register_to_template(image, template.registration_target(True),
-                                        card["preprocessing"]["registration"])
-    model_input = prepare_model_input(image, template, registration, card["preprocessing"]["normalisation"], brain,
-                                      False, "the scan's own brain")
-    truth = sitk.GetArrayFromImage(sitk.Resample(label, template.image, registration.transform,
-                                                 sitk.sitkNearestNeighbor)) > 0
+    model_input, truth, registration = prepare_scan(image, template, card["preprocessing"], label, skull_stripped=True)
     inside = model_input.brain_mask
     x = model_input.image
     spacing_zyx = tuple(reversed(template.image.GetSpacing()))

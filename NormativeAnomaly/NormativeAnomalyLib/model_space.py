@@ -191,8 +191,8 @@ TISSUE_BAND_EROSION = {"FLAIR": 1}
 def tissue_order(template_values: np.ndarray, input_values: np.ndarray, brain: np.ndarray, erosion: int = 0) -> float:
     """Whether the registered input orders the template's tissues as the template does: the smaller
     step between the input's medians over the template's dark, middle and bright bands (each eroded by
-    ``erosion`` voxels), as a
-    fraction of the input's 5th-95th percentile range over the brain (> 0: same order).
+    ``erosion`` voxels), as a fraction of the input's 5th-95th percentile range over the brain (> 0:
+    same order).
 
     The correlation alone cannot tell FLAIR from T1 (CSF is dark on both, and it dominates); the
     order of grey and white matter can: a T1 scan given to a FLAIR model has its grey matter darker

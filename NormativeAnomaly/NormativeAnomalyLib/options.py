@@ -127,7 +127,6 @@ def _skull_stripped(choice: str) -> bool | None:
     return SKULL_CHOICES[choice]
 
 
-
 @dataclass
 class RunOptions:
     """What a run may be told beyond its input and model; None: the model card's choice."""

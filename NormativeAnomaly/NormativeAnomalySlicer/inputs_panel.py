@@ -12,7 +12,7 @@ from typing import Any, Callable
 import slicer
 
 from NormativeAnomalyLib.models.registry import card_diffusion_settings, preselected_model
-from NormativeAnomalyLib.options import DIFFUSION_NOISE_KINDS, DIFFUSION_RANGES
+from NormativeAnomalyLib.options import DIFFUSION_ARGUMENTS, DIFFUSION_NOISE_KINDS, DIFFUSION_RANGES
 
 from .model_cards import cardHtml
 
@@ -91,16 +91,16 @@ class InputsPanel:
                 self._loadDiffusionSettings(parameters, settings)
 
     def _loadDiffusionSettings(self, parameters: Any, settings: dict[str, Any]) -> None:
-        """A card's settings into the parameter node, within the ranges the spin boxes offer."""
-        for field, key in (("noiseLevel", "noise_level"), ("diffusionSteps", "steps"), ("samples", "samples")):
+        """A card's settings into the parameter node (the fields DIFFUSION_ARGUMENTS names), within the
+        ranges the spin boxes offer."""
+        for key, (lowest, highest) in DIFFUSION_RANGES.items():
             try:
                 value = int(settings[key])
             except (KeyError, TypeError, ValueError):
                 continue
-            lowest, highest = DIFFUSION_RANGES[key]
-            setattr(parameters, field, min(max(value, lowest), highest))
+            setattr(parameters, DIFFUSION_ARGUMENTS[key]["panel"], min(max(value, lowest), highest))
         if settings.get("noise") in DIFFUSION_NOISE_KINDS:
-            parameters.diffusionNoise = settings["noise"]
+            setattr(parameters, DIFFUSION_ARGUMENTS["noise"]["panel"], settings["noise"])
 
     def _showModelCard(self) -> None:
         self.ui.modelCardLabel.text = cardHtml(self.logic.modelCard(self.ui.modelSelector.currentData))
