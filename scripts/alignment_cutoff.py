@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The alignment check's cut-offs, measured per contrast: correlation of each registered input
 with the T1, T2 or FLAIR-like template over the brain (``model_space.alignment_quality``) for inputs that
-should pass (real and template-derived heads, real skull-stripped BraTS scans with tumours) and
-inputs that should not (non-brain, noise, a label map, scans stored upside down or back to front,
-other contrasts).
+should pass (real and template-derived heads, real skull-stripped BraTS scans with tumours, crops and
+slabs of real scans) and inputs that should not (non-brain, noise, a label map, scans stored upside
+down or back to front, other contrasts, fields of view holding too little brain).
 
     python scripts/alignment_cutoff.py [--out docs/alignment.md] [--brats ../shared/data/brats-dev]
                                     [--contrasts T1 T2 FLAIR] [--render]
@@ -30,7 +30,7 @@ from NormativeAnomalyLib.evaluation import ACQUISITIONS
 from NormativeAnomalyLib.model_space import (MIN_BRAIN_OVERLAP, TISSUE_BAND_EROSION, TISSUE_ORDER_MINIMA,
                                              alignment_cutoff, check_alignment, prepare_model_input)
 from NormativeAnomalyLib.pipeline import RunOptions, input_brain_mask
-from NormativeAnomalyLib.registration import register_to_template
+from NormativeAnomalyLib.registration import PARTIAL_FIELD_OF_VIEW, register_scan
 from NormativeAnomalyLib.resources import demo_case
 from NormativeAnomalyLib.simulation import chest_phantom
 from NormativeAnomalyLib.templates import load_template
@@ -72,8 +72,14 @@ def cases(template) -> list[tuple[str, str, sitk.Image]]:
                        sitk.sitkNearestNeighbor, 0.0)),
         ("real head stored back to front (A-P flipped voxels)", "refuse", flipped(head, 1)),
         ("real head stored upside down (S-I flipped voxels)", "refuse", flipped(head, 0)),
-        ("small partial field of view, 66x82x50 mm (nibabel anatomical)", "refuse",
+        ("real T1, a partial field of view: 66x82x50 mm of the central brain (nibabel anatomical)", "pass",
          read(REPO / "Testing" / "Data" / "nibabel_anatomical.nii.gz")),
+        # Partial fields of view that hold too little brain to place: the head's back 36 mm (its voxel
+        # axis 2 runs from the back), three 3 mm slices through its middle.
+        ("real head, a partial field of view: its back 36 mm (occipital pole and skull)", "refuse",
+         sitk.RegionOfInterest(head, [128, 128, 12], [0, 0, 0])),
+        ("real head, a partial field of view: three 3 mm coronal slices", "refuse",
+         sitk.RegionOfInterest(head, [128, 128, 3], [0, 0, 28])),
     ]
     for name, path in [("avg152 T2", "avg152/t2.nii"), ("avg152 PD", "avg152/pd.nii"),
                        ("samseg 20-subject template (inverted, T2-like contrast)", "samseg20/t1.nii.gz")]:
@@ -88,9 +94,18 @@ def _noise() -> sitk.Image:
     return image
 
 
+def central_slab(image: sitk.Image, thickness_mm: float) -> sitk.Image:
+    """The middle ``thickness_mm`` of the image along its voxel axis 2 (axial on BraTS' grid)."""
+    size = list(image.GetSize())
+    count = min(size[2], max(1, int(round(thickness_mm / image.GetSpacing()[2]))))
+    start = (size[2] - count) // 2
+    return sitk.RegionOfInterest(image, size[:2] + [count], [0, 0, start])
+
+
 def brats_cases(folder: Path, modality: str) -> list[tuple[str, str, sitk.Image]]:
-    """Real skull-stripped scans with tumours (should pass), and the same scans as failures: another
-    contrast, or stored upside down / back to front (should be refused)."""
+    """Real skull-stripped scans with tumours (should pass: as they are, in 5 mm slices, and their central
+    60 mm axial slab), and the same scans as failures: another contrast, or stored upside down / back
+    to front (should be refused)."""
     read = lambda path: sitk.ReadImage(str(path), sitk.sitkFloat32)  # noqa: E731
     names = sorted(path.name[:-len(LESION_SUFFIX)] for path in folder.glob(f"*{LESION_SUFFIX}"))
     own = modality.lower()
@@ -99,6 +114,8 @@ def brats_cases(folder: Path, modality: str) -> list[tuple[str, str, sitk.Image]
     found = [(f"BraTS {case} {own.upper()}", "pass", read(folder / f"{case}_{own}.nii.gz")) for case in names]
     found += [(f"BraTS {case} {own.upper()}, 5 mm slices", "pass", thick(read(folder / f"{case}_{own}.nii.gz")))
               for case in names]
+    found += [(f"BraTS {case} {own.upper()}, a partial field of view: the central 60 mm axial slab", "pass",
+               central_slab(read(folder / f"{case}_{own}.nii.gz"), 60.0)) for case in names]
     for case in names[:2]:
         for slices, acquire in (("", lambda image: image), (", 5 mm slices", thick)):
             image = acquire(read(folder / f"{case}_{own}.nii.gz"))
@@ -124,7 +141,7 @@ def measure(template, modality: str, inputs: list[tuple[str, str, sitk.Image]]) 
         try:  # what a run does first: the input checks, registration, model space
             validate_volume(image)
             brain_mask, mask_name, stripped = input_brain_mask(image, RunOptions())
-            registration = register_to_template(image, template.registration_target(stripped))
+            registration = register_scan(image, template, stripped)
             prepared = prepare_model_input(image, template, registration, NORMALISATION, brain_mask, False, mask_name,
                                            modality)
             figures = {"alignment": prepared.alignment, "tissue_order": prepared.tissue_order,
@@ -176,7 +193,10 @@ def markdown(measured: list[dict]) -> str:
             f"Dice of its own brain, registered, with the template's (at least {MIN_BRAIN_OVERLAP}). BraTS rows: real pre-operative gliomas from the BraTS 2018 development cases (Menze et al. "
             "2015; Bakas et al. 2017, 2018), skull-stripped; \"5 mm slices\": re-acquired as 5 mm axial slices, "
             "each the mean of five 1 mm ones (`evaluation.ACQUISITIONS`), where a skull-stripped scan's brain is "
-            "compared with the template's brain as such slices hold it (`model_space.brain_as_sliced`).\n\n"
+            "compared with the template's brain as such slices hold it (`model_space.brain_as_sliced`). \"A partial "
+            "field of view\": narrower than "
+            f"{PARTIAL_FIELD_OF_VIEW:.0%} of the template's brain along an axis, registered within its own field of "
+            "view (the template onto the input) and judged on the part of the brain it holds.\n\n"
             + "\n".join(table) + "\n")
 
 

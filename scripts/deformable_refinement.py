@@ -39,7 +39,7 @@ import torch
 from scipy import ndimage
 
 from NormativeAnomalyLib.evaluation import auprc, best_dice, lesion_cases
-from NormativeAnomalyLib.inference import run_inference
+from NormativeAnomalyLib.inference import run_on_model_input
 from NormativeAnomalyLib.models import resolve_model
 from NormativeAnomalyLib.progress import Monitor
 from NormativeAnomalyLib.registration import Registration, refine_deformable, register_to_template
@@ -61,8 +61,7 @@ def measure(package, image: sitk.Image, label: sitk.Image, registration: Registr
     """One transform's figures for one case (template space)."""
     card, template = package.card, package.template
     model_input, truth, _ = prepare_scan(image, template, card["preprocessing"], label, True, registration)
-    inference = run_inference(package, model_input.image, model_input.brain_mask, torch.device("cpu"), Monitor(),
-                              None, None, "fp32")
+    inference = run_on_model_input(package, model_input, torch.device("cpu"), Monitor(), None, None, "fp32")
     spacing_zyx = tuple(reversed(template.image.GetSpacing()))
     scores = anomaly_map(model_input.image, inference.reconstruction, model_input.brain_mask, spacing_zyx,
                          card["scoring"], None)

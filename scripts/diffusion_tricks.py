@@ -49,7 +49,7 @@ import SimpleITK as sitk
 import torch
 
 from NormativeAnomalyLib.evaluation import auprc, best_dice, lesion_cases
-from NormativeAnomalyLib.inference import diffusion_settings, run_inference
+from NormativeAnomalyLib.inference import diffusion_settings, run_on_model_input
 from NormativeAnomalyLib.models import resolve_model
 from NormativeAnomalyLib.progress import Monitor
 from NormativeAnomalyLib.scoring import anomaly_map, scoring_mask
@@ -91,8 +91,7 @@ def reconstruct(package, model_input, diffusion: dict | None) -> tuple:
     """One inference run on the CPU in fp32, seeded: (Inference, seconds)."""
     torch.manual_seed(SEED)
     start = time.perf_counter()
-    inference = run_inference(package, model_input.image, model_input.brain_mask, torch.device("cpu"), Monitor(),
-                              None, diffusion, "fp32")
+    inference = run_on_model_input(package, model_input, torch.device("cpu"), Monitor(), None, diffusion, "fp32")
     return inference, time.perf_counter() - start
 
 

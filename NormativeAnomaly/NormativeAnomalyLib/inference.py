@@ -15,7 +15,7 @@ the work moves to the CPU and goes on. Each such fallback is one line for the us
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -25,6 +25,7 @@ from .device import (autocast, batch_size_from_memory, device_label, is_out_of_m
                      release_cached_memory, resolve_precision, start_peak_measurement, to_device, usable_memory)
 from .diffusion import reconstruct_batch, settings_with
 from .errors import NormativeAnomalyError
+from .model_space import ModelSpaceInput
 from .models.package import ModelPackage
 from .progress import Monitor
 
@@ -144,6 +145,20 @@ def run_inference(package: ModelPackage, image: np.ndarray, brain_mask: np.ndarr
     variance = np.where(brain_mask, output[:, 1], 0.0).astype(np.float32) if stochastic else None
     return Inference(reconstruction, variance, DeviceUse(placement.device.type, placement.precision, size,
                                                          placement.notices))
+
+
+def run_on_model_input(package: ModelPackage, model_input: ModelSpaceInput, device: torch.device,
+                       monitor: Monitor | None = None, batch_size: int | None = None,
+                       diffusion: dict[str, Any] | None = None, precision: str = "auto") -> Inference:
+    """``run_inference`` on what ``model_input`` gives the network (``ModelSpaceInput.network_input``: a
+    crop within the template's brain around it), its outputs kept to the input's own brain."""
+    image, network_mask = model_input.network_input()
+    inference = run_inference(package, image, network_mask, device, monitor, batch_size, diffusion, precision)
+    if network_mask is model_input.brain_mask:
+        return inference
+    kept = [None if output is None else np.where(model_input.brain_mask, output, 0.0).astype(np.float32)
+            for output in (inference.reconstruction, inference.variance)]
+    return replace(inference, reconstruction=kept[0], variance=kept[1])
 
 
 def _whole_volume(placement: _Placement, apply: NetworkPass, image: np.ndarray) -> np.ndarray:

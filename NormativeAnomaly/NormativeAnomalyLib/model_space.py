@@ -14,7 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputVolumeError, RegistrationError
-from .registration import Registration
+from .registration import Registration, partial_field_of_view
 from .templates import Template
 
 
@@ -45,6 +45,16 @@ class ModelSpaceInput:
     tissue_order: float = float("nan")
     # Dice of the given brain mask (registered) with the template's brain; NaN when none is given
     brain_overlap: float = float("nan")
+    # An input holding only part of the brain (a crop, a slab): what the network is given instead, the
+    # template's brain in model units where the input's field of view ends (see with_surroundings)
+    network_image: np.ndarray | None = None
+    network_mask: np.ndarray | None = None
+
+    def network_input(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image, brain mask) for the network; its reconstruction is scored on ``brain_mask`` only."""
+        if self.network_image is None or self.network_mask is None:
+            return self.image, self.brain_mask
+        return self.network_image, self.network_mask
 
 
 def to_model_space(image: sitk.Image, template: Template, registration: Registration,
@@ -98,16 +108,59 @@ def prepare_model_input(image: sitk.Image, template: Template, registration: Reg
     if bias_correction:
         resampled = bias_correct(resampled, mask)
     values = sitk.GetArrayFromImage(resampled)
-    lower, upper = np.percentile(values[brain], [normalisation["lower"], normalisation["upper"]])
-    if upper <= lower:
-        raise InputVolumeError("the brain region of the input has no contrast after registration")
-    scale = Normalisation(float(lower), float(upper), tuple(normalisation["clip"]))
+    field_of_view = sitk.GetArrayViewFromImage(inside_field).astype(bool)
+    # An input holding only part of the brain is normalised, and surrounded, by the template in model units.
+    reference = template_in_model_units(template, normalisation) if partial_field_of_view(
+        image, template.brain_mask) else None
+    scale = _normalisation(values, brain, normalisation, reference)
     normalised = np.where(brain, scale.forward(values), 0.0).astype(np.float32)
+    network_image = network_mask = None
+    if reference is not None:
+        network_image, network_mask = with_surroundings(normalised, brain, field_of_view, template, reference)
     # Judged on the template's brain whatever mask is given: a bad mask must not pass for a failed registration.
     template_values = sitk.GetArrayViewFromImage(template.image)
-    alignment = alignment_quality(template_values, values, template_brain)
-    order = tissue_order(template_values, values, template_brain, TISSUE_BAND_EROSION.get(modality, 0))
-    return ModelSpaceInput(normalised, brain, scale, alignment, order, brain_overlap)
+    alignment = alignment_quality(template_values, values, template_brain, field_of_view)
+    order = tissue_order(template_values, values, template_brain, TISSUE_BAND_EROSION.get(modality, 0),
+                         sitk.GetArrayViewFromImage(template.brain_mask) > 0)
+    return ModelSpaceInput(normalised, brain, scale, alignment, order, brain_overlap, network_image, network_mask)
+
+
+def template_in_model_units(template: Template, normalisation: dict) -> np.ndarray:
+    """The template's image normalised over its own brain as an input is over its brain, zero outside it."""
+    values = sitk.GetArrayFromImage(template.image)
+    brain = sitk.GetArrayViewFromImage(template.brain_mask) > 0
+    scale = _normalisation(values, brain, normalisation)
+    return np.where(brain, scale.forward(values), 0.0).astype(np.float32)
+
+
+def _normalisation(values: np.ndarray, brain: np.ndarray, normalisation: dict,
+                   reference: np.ndarray | None = None) -> Normalisation:
+    """The input's ``lower`` and ``upper`` percentiles over ``brain`` to 0 and 1; with ``reference`` (the
+    template in model units), to the reference's own percentiles over the same voxels: a crop of the
+    brain holds another mix of tissues than the whole (a slab at the vertex has hardly any CSF), and
+    over the whole brain the template's percentiles are 0 and 1."""
+    percentiles = [normalisation["lower"], normalisation["upper"]]
+    lower, upper = (float(v) for v in np.percentile(values[brain], percentiles))
+    if upper <= lower:
+        raise InputVolumeError("the brain region of the input has no contrast after registration")
+    if reference is not None:
+        low, high = (float(v) for v in np.percentile(reference[brain], percentiles))
+        if high > low:  # the input's lower and upper are where the reference's low and high are
+            span = (upper - lower) / (high - low)
+            lower, upper = lower - low * span, lower + (1.0 - low) * span
+    return Normalisation(lower, upper, tuple(normalisation["clip"]))
+
+
+def with_surroundings(normalised: np.ndarray, brain: np.ndarray, field_of_view: np.ndarray, template: Template,
+                      surroundings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(image, brain mask) with ``surroundings`` (the template in model units) over the template's brain
+    where the input's field of view ends: a slice model given a crop cut out of its surroundings
+    reconstructs it far worse (the central 66x82x50 mm of a real head: twice the residual the same
+    voxels have in the whole head)."""
+    template_brain = sitk.GetArrayViewFromImage(template.brain_mask) > 0
+    beyond = template_brain & ~field_of_view
+    image = np.where(beyond, surroundings, normalised).astype(np.float32)
+    return image, brain | beyond
 
 
 def brain_as_sliced(template: Template, image: sitk.Image, registration: Registration) -> sitk.Image:
@@ -157,9 +210,12 @@ def check_mask_fits(mask: np.ndarray, template_brain: np.ndarray,
             "from this scan (on its grid), or none to use the model's")
 
 
-def alignment_quality(template_values: np.ndarray, input_values: np.ndarray, brain: np.ndarray) -> float:
+def alignment_quality(template_values: np.ndarray, input_values: np.ndarray, brain: np.ndarray,
+                      field_of_view: np.ndarray | None = None) -> float:
     """Pearson correlation of template and registered input over the brain, both smoothed by one
-    voxel (1 = identical up to a linear intensity change).
+    voxel (1 = identical up to a linear intensity change). ``field_of_view``: where the input has
+    values; the input is smoothed within it only, so that its edge does not blur into the empty
+    space beyond (a crop, a slab).
 
     Mattes mutual information, which registration optimises, has no fixed scale to judge a
     result by; this has one. A well-registered scan of the model's contrast correlates highly
@@ -170,7 +226,12 @@ def alignment_quality(template_values: np.ndarray, input_values: np.ndarray, bra
     from scipy import ndimage
 
     a = ndimage.gaussian_filter(template_values.astype(np.float64), 1.0)[brain]
-    b = ndimage.gaussian_filter(input_values.astype(np.float64), 1.0)[brain]
+    if field_of_view is None or field_of_view.all():
+        b = ndimage.gaussian_filter(input_values.astype(np.float64), 1.0)[brain]
+    else:  # normalised convolution: the weighted mean of the input's own values near each voxel
+        inside = field_of_view.astype(np.float64)
+        weight = ndimage.gaussian_filter(inside, 1.0)[brain]
+        b = ndimage.gaussian_filter(input_values * inside, 1.0)[brain] / np.maximum(weight, 1e-6)
     if a.size < 2 or a.std() == 0 or b.std() == 0:
         return 0.0
     return float(np.corrcoef(a, b)[0, 1])
@@ -188,11 +249,15 @@ TISSUE_BANDS = ((0.0, 15.0), (40.0, 60.0), (80.0, 100.0))
 TISSUE_BAND_EROSION = {"FLAIR": 1}
 
 
-def tissue_order(template_values: np.ndarray, input_values: np.ndarray, brain: np.ndarray, erosion: int = 0) -> float:
+def tissue_order(template_values: np.ndarray, input_values: np.ndarray, brain: np.ndarray, erosion: int = 0,
+                 template_brain: np.ndarray | None = None) -> float:
     """Whether the registered input orders the template's tissues as the template does: the smaller
     step between the input's medians over the template's dark, middle and bright bands (each eroded by
     ``erosion`` voxels), as a fraction of the input's 5th-95th percentile range over the brain (> 0:
-    same order).
+    same order). ``template_brain``: the template's whole brain, where the bands are drawn (default
+    ``brain``); the medians come from ``brain`` only. Bands drawn on the part of the brain a crop
+    holds would be other tissues: in a central crop, mostly white matter, the middle band is white
+    matter too.
 
     The correlation alone cannot tell FLAIR from T1 (CSF is dark on both, and it dominates); the
     order of grey and white matter can: a T1 scan given to a FLAIR model has its grey matter darker
@@ -203,11 +268,12 @@ def tissue_order(template_values: np.ndarray, input_values: np.ndarray, brain: n
     values = input_values[brain].astype(np.float64)
     if values.size < 100:
         return 0.0
-    edges = np.percentile(template_values[brain], [edge for band in TISSUE_BANDS for edge in band])
+    whole = brain if template_brain is None else template_brain
+    edges = np.percentile(template_values[whole], [edge for band in TISSUE_BANDS for edge in band])
     medians = []
     for k in range(len(TISSUE_BANDS)):
-        band = brain & (template_values >= edges[2 * k]) & (template_values <= edges[2 * k + 1])
-        inside = ndimage.binary_erosion(band, iterations=erosion) if erosion else band
+        band = whole & (template_values >= edges[2 * k]) & (template_values <= edges[2 * k + 1])
+        inside = (ndimage.binary_erosion(band, iterations=erosion) if erosion else band) & brain
         medians.append(float(np.median(input_values[inside])) if inside.any() else 0.0)
     low, high = np.percentile(values, [5, 95])
     if high <= low:
@@ -218,8 +284,10 @@ def tissue_order(template_values: np.ndarray, input_values: np.ndarray, brain: n
 # Correlation of a registered input with its template over the brain (model_space.alignment_quality),
 # per contrast, measured by scripts/alignment_cutoff.py (docs/alignment.md) on real scans and on
 # failures, each registered as a run registers it. T1: real heads and real skull-stripped BraTS T1
-# scans 0.47 and above; scans stored upside down or back to front, non-brain anatomy, noise, a
-# partial field of view and other contrasts 0.40 and below. T2 correlates less with its template,
+# scans 0.47 and above (a real crop of the central brain 0.66; central 60 mm slabs of the BraTS T1
+# scans 0.54 and above, but one that is mostly tumour, 0.33); scans stored upside down or back to
+# front, non-brain anatomy, noise, a field of view holding too little brain and other contrasts 0.40
+# and below. T2 correlates less with its template,
 # lesions or not: real BraTS T2 scans 0.20 and above; T2 scans stored upside down or back to front,
 # FLAIR, T1 and non-brain inputs 0.14 and below. FLAIR (a template synthesised from T1 and T2, which
 # real FLAIR resembles less): real BraTS FLAIR 0.15 and above; T2, noise and a chest 0.07 and below,

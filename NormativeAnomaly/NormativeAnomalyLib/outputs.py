@@ -62,7 +62,9 @@ def run_summary(result: AnomalyResult, settings: dict[str, Any], maps_only: bool
                          "tissue_order_minimum": tissue_order_minimum(card["modality"]),
                          "brain_overlap": _finite(round(result.brain_overlap, 4)),
                          # scored on the scan's own brain (skull-stripped) or on the template's, mapped
-                         "skull_stripped": result.skull_stripped},
+                         "skull_stripped": result.skull_stripped,
+                         # the scan holds only part of the brain: registered within its field of view
+                         "partial_field_of_view": result.partial_field_of_view},
         "threshold": result.segmentation.threshold,
         "threshold_healthy_fpr": result.threshold_fpr,
         "min_lesion_mm3": result.segmentation.min_lesion_mm3,

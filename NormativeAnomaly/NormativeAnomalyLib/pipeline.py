@@ -16,14 +16,14 @@ import SimpleITK as sitk
 
 from .errors import NormativeAnomalyError, RegistrationError
 from .device import resolve_precision, select_device
-from .inference import DeviceUse, diffusion_settings, run_inference
+from .inference import DeviceUse, diffusion_settings, run_on_model_input
 from .input_space import to_input_grid
 from .lesions import Segmentation, segment_anomalies
 from .model_space import check_alignment, prepare_model_input
 from .models.package import ModelPackage
 from .options import RunOptions
 from .progress import Monitor
-from .registration import Registration, identity_registration, register_to_template
+from .registration import Registration, identity_registration, partial_field_of_view, register_scan
 from .scoring import anomaly_map as score_anomalies
 from .skull_stripping import brain_mask_of_stripped, looks_skull_stripped
 from .volume_io import validate_volume
@@ -55,6 +55,8 @@ class AnomalyResult:
     tissue_order: float = float("nan")
     # A skull-stripped scan: Dice of its own brain, registered, with the template's (else NaN)
     brain_overlap: float = float("nan")
+    # The scan holds only part of the brain (registration.partial_field_of_view): that part is scored
+    partial_field_of_view: bool = False
 
 
 def resolve_threshold(package: ModelPackage, options: RunOptions,
@@ -110,6 +112,10 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
     min_lesion_mm3 = card["scoring"]["min_lesion_mm3"] if options.min_lesion_mm3 is None else options.min_lesion_mm3
 
     brain_mask, mask_name, skull_stripped = input_brain_mask(image, options)
+    partial = partial_field_of_view(image, template.brain_mask)
+    if partial:
+        monitor.notice("the scan holds only part of the brain (its field of view is narrower than the template's "
+                       "brain): it is registered within its field of view, and only the part it holds is scored")
 
     monitor.check()
     with _timed(seconds, "registration", monitor):
@@ -118,8 +124,8 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
         elif options.registration is not None:
             registration = options.registration
         else:
-            registration = register_to_template(image, template.registration_target(skull_stripped),
-                                                card["preprocessing"]["registration"], monitor)
+            registration = register_scan(image, template, skull_stripped, card["preprocessing"]["registration"],
+                                         monitor)
     monitor.check()
     with _timed(seconds, "model_space", monitor):
         bias = bias_correction(card, options.bias_correction, skull_stripped)
@@ -137,8 +143,8 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
                 raise
     monitor.check()
     with _timed(seconds, "inference", monitor):
-        inference = run_inference(package, model_input.image, model_input.brain_mask, device, monitor,
-                                  options.batch_size, options.diffusion, options.precision)
+        inference = run_on_model_input(package, model_input, device, monitor, options.batch_size, options.diffusion,
+                                       options.precision)
         reconstruction, variance = inference.reconstruction, inference.variance
     monitor.check()
     with _timed(seconds, "scoring", monitor):
@@ -161,7 +167,7 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
     seconds["total"] = round(sum(seconds.values()), 3)
     return AnomalyResult(image, pseudo_healthy, anomaly_map, brain_on_input, segmentation, threshold_fpr, package,
                          registration, inference.use.device, seconds, uncertainty, inference.use,
-                         model_input.alignment, skull_stripped, model_input.tissue_order, brain_overlap)
+                         model_input.alignment, skull_stripped, model_input.tissue_order, brain_overlap, partial)
 
 
 def bias_correction(card: dict, option: bool | None, skull_stripped: bool) -> bool:

@@ -4,6 +4,9 @@ Rigid then affine, multi-resolution, Mattes mutual information (so T1/T2 inputs 
 to either template). The returned transform maps template points to input points, the
 SimpleITK convention: ``Resample(input, template, transform)`` brings the input into model
 space, and ``transform.GetInverse()`` brings model-space maps back onto the input's grid.
+
+An input that holds only part of a brain (a slab, a crop) is registered the other way round,
+the template onto the input, so that the metric samples only what the input holds, then inverted.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import SimpleITK as sitk
 
 from .errors import RegistrationError
 from .progress import Monitor
+from .templates import Template, resample_to_grid
 
 # Fixes the metric's sample points.
 SEED = 20261129
@@ -25,6 +29,13 @@ SEED = 20261129
 # and on a flat metric that moves the optimum, so the same scan could pass the alignment check on
 # one run and fail it on the next. Deterministic costs about a third more time on 2 cores.
 REGISTRATION_THREADS = 1
+# Metric sample fractions per level (shrink 4, 2, 1) over the template's grid: 4% of its 1M voxels at
+# full resolution (~40k points) pin an affine down well; coarse levels get more for robustness.
+SAMPLING = (0.25, 0.1, 0.04)
+# An input narrower than this fraction of the template's brain along an axis (a slab, a crop) is
+# registered within its own field of view: with the template fixed, most of its points would fall
+# outside the input, and the metric would be optimised over a small, arbitrary overlap.
+PARTIAL_FIELD_OF_VIEW = 0.6
 
 
 @dataclass(frozen=True)
@@ -40,12 +51,41 @@ def identity_registration() -> Registration:
 
 
 def register_to_template(moving: sitk.Image, template: sitk.Image, kind: str = "affine",
-                         monitor: Monitor | None = None) -> Registration:
-    """Register ``moving`` (the input scan) to ``template`` (fixed)."""
+                         monitor: Monitor | None = None, brain_mask: sitk.Image | None = None) -> Registration:
+    """Register ``moving`` (the input scan) to ``template`` (fixed). ``brain_mask``: the template's
+    brain; given, an input that holds only part of it is registered within its own field of view
+    (``partial_field_of_view``)."""
     if kind not in ("affine", "rigid"):
         raise ValueError(f"unknown registration kind {kind!r}")
+    monitor = monitor or Monitor()
     with _threads(REGISTRATION_THREADS):
-        return _register(moving, template, kind, monitor or Monitor())
+        if brain_mask is not None and partial_field_of_view(moving, brain_mask):
+            return _register_within_field_of_view(moving, template, kind, monitor)
+        return _register(moving, template, kind, monitor)
+
+
+def register_scan(image: sitk.Image, template: Template, skull_stripped: bool, kind: str = "affine",
+                  monitor: Monitor | None = None) -> Registration:
+    """A scan registered as a run registers it: to the template's brain when it is skull-stripped,
+    else to its head; within its own field of view when it holds only part of the brain."""
+    return register_to_template(image, template.registration_target(skull_stripped), kind, monitor,
+                                template.brain_mask)
+
+
+def partial_field_of_view(image: sitk.Image, brain_mask: sitk.Image) -> bool:
+    """Whether ``image``'s field of view is narrower than PARTIAL_FIELD_OF_VIEW of the brain in
+    ``brain_mask`` along a world axis."""
+    return bool(np.any(_world_extent(image) < PARTIAL_FIELD_OF_VIEW * _world_extent(brain_mask, foreground=True)))
+
+
+def _world_extent(image: sitk.Image, foreground: bool = False) -> np.ndarray:
+    """Extent in mm along the world axes of the image's grid, or of its non-zero voxels."""
+    size = np.asarray(image.GetSize(), dtype=float)
+    if foreground:
+        inside = np.argwhere(sitk.GetArrayViewFromImage(image) > 0)[:, ::-1]  # (x, y, z) indices
+        size = inside.max(axis=0) - inside.min(axis=0) + 1 if len(inside) else np.zeros(3)
+    axes = np.abs(np.asarray(image.GetDirection()).reshape(3, 3))
+    return axes @ (size * np.asarray(image.GetSpacing()))
 
 
 @contextmanager
@@ -67,11 +107,54 @@ def _register(moving: sitk.Image, template: sitk.Image, kind: str, monitor: Moni
     initial = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
+    transform, metric = _rigid_then_refined(fixed, moving, [initial], kind, monitor, SAMPLING)
+    return Registration(transform, kind, metric, time.perf_counter() - start)
+
+
+def _register_within_field_of_view(moving: sitk.Image, template: sitk.Image, kind: str,
+                                   monitor: Monitor) -> Registration:
+    """The template registered onto the input (fixed), on a grid of the template's spacing over the
+    input's field of view, from two starts: the input's own world coordinates (a crop of a scan
+    already in template space keeps its place) and its centre of mass on the template's; the better
+    rigid fit is refined. Inverted, the result maps template points to input points, as ``_register``'s."""
+    start = time.perf_counter()
+    spacing = np.asarray(template.GetSpacing())
+    extent = np.asarray(moving.GetSize()) * np.asarray(moving.GetSpacing())
+    size = [max(1, int(n)) for n in np.floor(extent / spacing)]
+    fixed = resample_to_grid(sitk.Cast(moving, sitk.sitkFloat32), size, spacing.tolist())
+    target = sitk.Cast(template, sitk.sitkFloat32)
+    centre = fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()])
+    as_stored = sitk.Euler3DTransform()
+    as_stored.SetCenter(centre)
+    by_mass = sitk.CenteredTransformInitializer(fixed, target, sitk.Euler3DTransform(),
+                                                sitk.CenteredTransformInitializerFilter.MOMENTS)
+    # As many metric samples per level as the template's grid would give, from the smaller grid.
+    template_voxels, fixed_voxels = float(np.prod(template.GetSize())), float(np.prod(fixed.GetSize()))
+    sampling = tuple(min(1.0, fraction * template_voxels / fixed_voxels) for fraction in SAMPLING)
+    transform, metric = _rigid_then_refined(fixed, target, [as_stored, by_mass], kind, monitor, sampling)
+    inverse = sitk.AffineTransform(transform.GetInverse()) if kind == "affine" else sitk.Euler3DTransform(
+        transform.GetInverse())
+    return Registration(inverse, kind, metric, time.perf_counter() - start)
+
+
+def _rigid_then_refined(fixed: sitk.Image, moving: sitk.Image, starts: list[sitk.Transform], kind: str,
+                        monitor: Monitor, sampling: tuple[float, ...]) -> tuple[sitk.Transform, float]:
+    """A rigid search from each start (the best metric kept), refined at the two finest levels as an
+    affine (12 parameters) or still rigid (6)."""
     monitor.report("registration", 0.0)
-    rigid, _ = _run_stage(fixed, moving, initial, shrink=[4, 2, 1], smooth=[2.0, 1.0, 0.0], iterations=80,
-                          coarse_search=True, monitor=monitor, span=(0.0, 0.5))
-    monitor.check()
-    # Refinement at the two finest levels, as an affine (12 parameters) or still rigid (6).
+    fits, failure = [], None
+    for k, initial in enumerate(starts):
+        share = 0.5 / len(starts)
+        try:
+            fits.append(_run_stage(fixed, moving, initial, shrink=[4, 2, 1], smooth=[2.0, 1.0, 0.0], iterations=80,
+                                   coarse_search=True, monitor=monitor, span=(k * share, (k + 1) * share),
+                                   sampling=sampling))
+        except RegistrationError as error:  # a start that leaves the images apart: the next may not
+            failure = error
+        monitor.check()
+    if not fits:
+        raise failure or RegistrationError("registration to the template failed")
+    rigid = min(fits, key=lambda fit: fit[1] if np.isfinite(fit[1]) else np.inf)[0]
     if kind == "affine":
         refined: sitk.Transform = sitk.AffineTransform(3)
         refined.SetMatrix(rigid.GetMatrix())
@@ -80,21 +163,19 @@ def _register(moving: sitk.Image, template: sitk.Image, kind: str, monitor: Moni
     else:
         refined = sitk.Euler3DTransform(rigid)
     transform, metric = _run_stage(fixed, moving, refined, shrink=[2, 1], smooth=[1.0, 0.0], iterations=60,
-                                   coarse_search=False, monitor=monitor, span=(0.5, 1.0))
+                                   coarse_search=False, monitor=monitor, span=(0.5, 1.0), sampling=sampling)
     if not np.isfinite(metric):
         raise RegistrationError("registration to the template diverged; is this a brain MRI?")
     monitor.report("registration", 1.0)
-    return Registration(transform, kind, metric, time.perf_counter() - start)
+    return transform, metric
 
 
 def _run_stage(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, *, shrink: list[int],
                smooth: list[float], iterations: int, monitor: Monitor, span: tuple[float, float],
-               coarse_search: bool, sampling: tuple[float, ...] = (0.25, 0.1, 0.04)):
+               coarse_search: bool, sampling: tuple[float, ...] = SAMPLING):
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    # Fewer samples at finer levels: the fixed template has 1M voxels at full resolution, and
-    # 4% of them (~40k points) pin an affine down well; coarse levels get more for robustness.
     method.SetMetricSamplingPercentagePerLevel(sampling[-len(shrink):], SEED)
     method.SetInterpolator(sitk.sitkLinear)
     if coarse_search:

@@ -244,3 +244,87 @@ def test_the_tissue_order_tells_contrasts_apart_where_correlation_cannot(templat
     eroded = tissue_order(values["flair"], values["t1"], brain, TISSUE_BAND_EROSION["FLAIR"])
     assert eroded < 2 * TISSUE_ORDER_MINIMA["FLAIR"] < 0
     assert tissue_order(values["t2"], values["t1"], brain) < 0 and tissue_order(values["t1"], values["t2"], brain) < 0
+
+
+NORMALISATION = {"method": "percentile", "lower": 1.0, "upper": 99.0, "clip": [0.0, 1.5]}
+
+
+def test_a_crop_of_the_brain_is_registered_within_its_field_of_view_and_passes(template, tiny_t1_path):
+    """nibabel's real T1, 66x82x50 mm of the central brain: with the template fixed, as a whole head
+    is registered, the crop cannot be placed (and was refused); registered within its own field of
+    view it lands where its header says and passes, tissues in the template's order."""
+    from NormativeAnomalyLib.model_space import alignment_cutoff, check_alignment, prepare_model_input
+    from NormativeAnomalyLib.registration import partial_field_of_view, register_scan
+
+    image = sitk.ReadImage(str(tiny_t1_path), sitk.sitkFloat32)
+    assert partial_field_of_view(image, template.brain_mask)
+    registration = register_scan(image, template, skull_stripped=False)
+    prepared = prepare_model_input(image, template, registration, NORMALISATION, modality="T1")
+    check_alignment(prepared.alignment, "T1", prepared.tissue_order)
+    assert prepared.tissue_order > 0.1
+    # The crop is in MNI space already (SPM-normalised): the transform moves it by millimetres at most.
+    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+    assert np.linalg.norm(np.subtract(registration.transform.GetInverse().TransformPoint(centre), centre)) < 5.0
+
+    whole = register_to_template(image, template.image)  # as before: the template fixed
+    placed = prepare_model_input(image, template, whole, NORMALISATION, modality="T1")
+    assert placed.alignment < alignment_cutoff("T1")
+
+
+def test_a_field_of_view_holding_too_little_brain_is_still_refused(template, real_t1_head_path):
+    """A partial field of view is placed only where it holds enough brain: the back 36 mm of a real
+    head (occipital pole and skull) is refused."""
+    from NormativeAnomalyLib.errors import RegistrationError
+    from NormativeAnomalyLib.model_space import check_alignment, prepare_model_input
+    from NormativeAnomalyLib.registration import partial_field_of_view, register_scan
+
+    head = sitk.ReadImage(str(real_t1_head_path), sitk.sitkFloat32)
+    back = sitk.RegionOfInterest(head, [128, 128, 12], [0, 0, 0])
+    assert partial_field_of_view(back, template.brain_mask) and not partial_field_of_view(head, template.brain_mask)
+    prepared = prepare_model_input(back, template, register_scan(back, template, False), NORMALISATION,
+                                   modality="T1")
+    with pytest.raises(RegistrationError, match="correlates"):
+        check_alignment(prepared.alignment, "T1", prepared.tissue_order)
+
+
+def test_a_crop_is_reconstructed_within_the_templates_brain_and_scored_on_its_own(template, tiny_t1_path,
+                                                                                 trained_dae):
+    """The network sees the crop with the template (in model units) around it, and its outputs are kept
+    to the crop's brain; without the surroundings the crop's reconstruction differs."""
+    import torch
+
+    from NormativeAnomalyLib.inference import run_inference, run_on_model_input
+    from NormativeAnomalyLib.model_space import prepare_model_input, template_in_model_units
+    from NormativeAnomalyLib.registration import register_scan
+
+    image = sitk.ReadImage(str(tiny_t1_path), sitk.sitkFloat32)
+    prepared = prepare_model_input(image, template, register_scan(image, template, False), NORMALISATION,
+                                   modality="T1")
+    network_image, network_mask = prepared.network_input()
+    brain = prepared.brain_mask
+    template_brain = sitk.GetArrayViewFromImage(template.brain_mask) > 0
+    assert network_mask[brain].all() and network_mask.sum() > 4 * brain.sum() and network_mask[template_brain].all()
+    np.testing.assert_array_equal(network_image[brain], prepared.image[brain])
+    around = network_mask & ~brain
+    np.testing.assert_array_equal(network_image[around], template_in_model_units(template, NORMALISATION)[around])
+
+    reconstruction = run_on_model_input(trained_dae, prepared, torch.device("cpu")).reconstruction
+    assert not reconstruction[~brain].any() and reconstruction[brain].std() > 0
+    cut_out = run_inference(trained_dae, prepared.image, brain, torch.device("cpu")).reconstruction
+    assert np.abs(reconstruction - cut_out)[brain].mean() > 1e-3
+
+
+@pytest.mark.slow
+def test_a_real_crop_runs_from_the_command_line_and_run_json_says_it_is_partial(tiny_t1_path, tmp_path):
+    """The default T1 model on nibabel's real crop: not refused, the user told that only the part the
+    scan holds is scored, run.json records it, and the healthy crop is calm at the default threshold."""
+    from cli_runs import assert_ok, read_json, run_cli
+
+    out = tmp_path / "crop"
+    result = run_cli("run", tiny_t1_path, "--model", "dae-t1", "--device", "cpu", "--out", out)
+    assert_ok(result)
+    assert "holds only part of the brain" in result.stderr + result.stdout
+    run = read_json(out / "run.json")
+    assert run["registration"]["partial_field_of_view"] is True
+    assert run["registration"]["alignment"] >= run["registration"]["alignment_cutoff"]
+    assert run["lesion_volume_ml"] < 5.0  # flagged on a healthy scan

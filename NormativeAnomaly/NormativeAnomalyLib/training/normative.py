@@ -86,13 +86,13 @@ def scan_sums(package, image, lesion_on_input, case: str, smoothing_mm: float,
     healthy scan. ``registration``: reuse one computed before. ``skull_stripped``: as the
     pipeline's option (None: detected), so that the brain scored is the one a run scores."""
     from ..device import select_device
-    from ..inference import run_inference
+    from ..inference import run_on_model_input
     from ..scoring import residual_map, scoring_mask
 
     card, template = package.card, package.template
     model_input, lesion, registration = prepare_scan(image, template, card["preprocessing"], lesion_on_input,
                                                      skull_stripped, registration)
-    inference = run_inference(package, model_input.image, model_input.brain_mask, select_device(device))
+    inference = run_on_model_input(package, model_input, select_device(device))
     spacing_zyx = tuple(reversed(template.image.GetSpacing()))
     score = residual_map(model_input.image, inference.reconstruction, card["scoring"])
     scored = scoring_mask(model_input.brain_mask, spacing_zyx, card["scoring"]["mask_erosion_mm"])

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..model_space import ModelSpaceInput, prepare_model_input, to_model_space
-from ..registration import Registration, register_to_template
+from ..registration import Registration, register_scan
 from ..templates import Template
 
 # A scan's lesion label lies beside it as <case><LESION_SUFFIX> (BraTS's naming).
@@ -39,8 +39,7 @@ def prepare_scan(image: sitk.Image, template: Template, preprocessing: dict, les
 
     brain_mask, mask_name, stripped = input_brain_mask(image, RunOptions(skull_stripped=skull_stripped))
     if registration is None:
-        registration = register_to_template(image, template.registration_target(stripped),
-                                            preprocessing["registration"])
+        registration = register_scan(image, template, stripped, preprocessing["registration"])
     model_input = prepare_model_input(image, template, registration, preprocessing["normalisation"], brain_mask,
                                       bias_correction({"preprocessing": preprocessing}, None, stripped), mask_name)
     lesion_array = None
