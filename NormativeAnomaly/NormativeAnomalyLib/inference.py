@@ -154,7 +154,7 @@ def run_on_model_input(package: ModelPackage, model_input: ModelSpaceInput, devi
     crop within the template's brain around it), its outputs kept to the input's own brain."""
     image, network_mask = model_input.network_input()
     inference = run_inference(package, image, network_mask, device, monitor, batch_size, diffusion, precision)
-    if network_mask is model_input.brain_mask:
+    if model_input.network_image is None:
         return inference
     kept = [None if output is None else np.where(model_input.brain_mask, output, 0.0).astype(np.float32)
             for output in (inference.reconstruction, inference.variance)]

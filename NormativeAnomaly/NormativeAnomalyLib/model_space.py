@@ -111,7 +111,7 @@ def prepare_model_input(image: sitk.Image, template: Template, registration: Reg
     field_of_view = sitk.GetArrayViewFromImage(inside_field).astype(bool)
     # An input holding only part of the brain is normalised, and surrounded, by the template in model units.
     reference = template_in_model_units(template, normalisation) if partial_field_of_view(
-        image, template.brain_mask) else None
+        image, template) else None
     scale = _normalisation(values, brain, normalisation, reference)
     normalised = np.where(brain, scale.forward(values), 0.0).astype(np.float32)
     network_image = network_mask = None

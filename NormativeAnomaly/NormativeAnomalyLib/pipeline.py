@@ -112,7 +112,7 @@ def detect_anomalies(image: sitk.Image, package: ModelPackage, options: RunOptio
     min_lesion_mm3 = card["scoring"]["min_lesion_mm3"] if options.min_lesion_mm3 is None else options.min_lesion_mm3
 
     brain_mask, mask_name, skull_stripped = input_brain_mask(image, options)
-    partial = partial_field_of_view(image, template.brain_mask)
+    partial = partial_field_of_view(image, template)
     if partial:
         monitor.notice("the scan holds only part of the brain (its field of view is narrower than the template's "
                        "brain): it is registered within its field of view, and only the part it holds is scored")

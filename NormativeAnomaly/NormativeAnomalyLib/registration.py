@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from .errors import RegistrationError
 from .progress import Monitor
-from .templates import Template, resample_to_grid
+from .templates import Template, resample_to_grid, world_extent
 
 # Fixes the metric's sample points.
 SEED = 20261129
@@ -51,15 +51,14 @@ def identity_registration() -> Registration:
 
 
 def register_to_template(moving: sitk.Image, template: sitk.Image, kind: str = "affine",
-                         monitor: Monitor | None = None, brain_mask: sitk.Image | None = None) -> Registration:
-    """Register ``moving`` (the input scan) to ``template`` (fixed). ``brain_mask``: the template's
-    brain; given, an input that holds only part of it is registered within its own field of view
-    (``partial_field_of_view``)."""
+                         monitor: Monitor | None = None, within_field_of_view: bool = False) -> Registration:
+    """Register ``moving`` (the input scan) to ``template`` (fixed); ``within_field_of_view``: the other
+    way round, for an input that holds only part of the brain (``partial_field_of_view``)."""
     if kind not in ("affine", "rigid"):
         raise ValueError(f"unknown registration kind {kind!r}")
     monitor = monitor or Monitor()
     with _threads(REGISTRATION_THREADS):
-        if brain_mask is not None and partial_field_of_view(moving, brain_mask):
+        if within_field_of_view:
             return _register_within_field_of_view(moving, template, kind, monitor)
         return _register(moving, template, kind, monitor)
 
@@ -69,23 +68,13 @@ def register_scan(image: sitk.Image, template: Template, skull_stripped: bool, k
     """A scan registered as a run registers it: to the template's brain when it is skull-stripped,
     else to its head; within its own field of view when it holds only part of the brain."""
     return register_to_template(image, template.registration_target(skull_stripped), kind, monitor,
-                                template.brain_mask)
+                                partial_field_of_view(image, template))
 
 
-def partial_field_of_view(image: sitk.Image, brain_mask: sitk.Image) -> bool:
-    """Whether ``image``'s field of view is narrower than PARTIAL_FIELD_OF_VIEW of the brain in
-    ``brain_mask`` along a world axis."""
-    return bool(np.any(_world_extent(image) < PARTIAL_FIELD_OF_VIEW * _world_extent(brain_mask, foreground=True)))
-
-
-def _world_extent(image: sitk.Image, foreground: bool = False) -> np.ndarray:
-    """Extent in mm along the world axes of the image's grid, or of its non-zero voxels."""
-    size = np.asarray(image.GetSize(), dtype=float)
-    if foreground:
-        inside = np.argwhere(sitk.GetArrayViewFromImage(image) > 0)[:, ::-1]  # (x, y, z) indices
-        size = inside.max(axis=0) - inside.min(axis=0) + 1 if len(inside) else np.zeros(3)
-    axes = np.abs(np.asarray(image.GetDirection()).reshape(3, 3))
-    return axes @ (size * np.asarray(image.GetSpacing()))
+def partial_field_of_view(image: sitk.Image, template: Template) -> bool:
+    """Whether ``image``'s field of view is narrower than PARTIAL_FIELD_OF_VIEW of the template's brain
+    along a world axis."""
+    return bool(np.any(world_extent(image) < PARTIAL_FIELD_OF_VIEW * template.brain_extent_mm))
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,19 @@ class Template:
     @property
     def brain_mask_voxels(self) -> int:
         return int(sitk.GetArrayViewFromImage(self.brain_mask).astype(bool).sum())
+
+    @cached_property
+    def brain_extent_mm(self) -> np.ndarray:
+        """The brain's extent in mm along the world axes (its bounding box's)."""
+        inside = np.argwhere(sitk.GetArrayViewFromImage(self.brain_mask) > 0)[:, ::-1]  # (x, y, z) indices
+        return world_extent(self.brain_mask, inside.max(axis=0) - inside.min(axis=0) + 1)
+
+
+def world_extent(image: sitk.Image, voxels: np.ndarray | None = None) -> np.ndarray:
+    """Extent in mm along the world axes of ``voxels`` (x, y, z counts; default the whole grid) of ``image``."""
+    counts = np.asarray(image.GetSize() if voxels is None else voxels, dtype=float)
+    axes = np.abs(np.asarray(image.GetDirection()).reshape(3, 3))
+    return axes @ (counts * np.asarray(image.GetSpacing()))
 
 
 def sha256_of(path: Path) -> str:

@@ -13,6 +13,8 @@ from NormativeAnomalyLib.model_space import to_model_space
 from NormativeAnomalyLib.registration import Registration, register_to_template
 from NormativeAnomalyLib.volume_io import read_volume
 
+NORMALISATION = {"method": "percentile", "lower": 1.0, "upper": 99.0, "clip": [0.0, 1.5]}
+
 
 def known_affine(template: sitk.Image) -> sitk.AffineTransform:
     """Rotation ~(8, -5, 6) deg, anisotropic scaling, a little shear, translation (7, -9, 5) mm."""
@@ -184,9 +186,8 @@ def test_real_scans_pass_the_alignment_check_and_failures_do_not(case, contrast,
     brain_mask, mask_name, stripped = input_brain_mask(image, RunOptions())
     assert stripped
     registration = register_to_template(image, template.brain_image)
-    prepared = prepare_model_input(image, template, registration,
-                                   {"method": "percentile", "lower": 1.0, "upper": 99.0, "clip": [0.0, 1.5]},
-                                   brain_mask, False, mask_name, modality)
+    prepared = prepare_model_input(image, template, registration, NORMALISATION, brain_mask, False, mask_name,
+                                   modality)
     figures = (prepared.alignment, modality, prepared.tissue_order, prepared.brain_overlap)
     if passes:
         check_alignment(*figures)
@@ -246,8 +247,6 @@ def test_the_tissue_order_tells_contrasts_apart_where_correlation_cannot(templat
     assert tissue_order(values["t2"], values["t1"], brain) < 0 and tissue_order(values["t1"], values["t2"], brain) < 0
 
 
-NORMALISATION = {"method": "percentile", "lower": 1.0, "upper": 99.0, "clip": [0.0, 1.5]}
-
 
 def test_a_crop_of_the_brain_is_registered_within_its_field_of_view_and_passes(template, tiny_t1_path):
     """nibabel's real T1, 66x82x50 mm of the central brain: with the template fixed, as a whole head
@@ -257,7 +256,7 @@ def test_a_crop_of_the_brain_is_registered_within_its_field_of_view_and_passes(t
     from NormativeAnomalyLib.registration import partial_field_of_view, register_scan
 
     image = sitk.ReadImage(str(tiny_t1_path), sitk.sitkFloat32)
-    assert partial_field_of_view(image, template.brain_mask)
+    assert partial_field_of_view(image, template)
     registration = register_scan(image, template, skull_stripped=False)
     prepared = prepare_model_input(image, template, registration, NORMALISATION, modality="T1")
     check_alignment(prepared.alignment, "T1", prepared.tissue_order)
@@ -280,7 +279,7 @@ def test_a_field_of_view_holding_too_little_brain_is_still_refused(template, rea
 
     head = sitk.ReadImage(str(real_t1_head_path), sitk.sitkFloat32)
     back = sitk.RegionOfInterest(head, [128, 128, 12], [0, 0, 0])
-    assert partial_field_of_view(back, template.brain_mask) and not partial_field_of_view(head, template.brain_mask)
+    assert partial_field_of_view(back, template) and not partial_field_of_view(head, template)
     prepared = prepare_model_input(back, template, register_scan(back, template, False), NORMALISATION,
                                    modality="T1")
     with pytest.raises(RegistrationError, match="correlates"):
